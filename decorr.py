@@ -234,7 +234,8 @@ def synthetic_images(n, seed, size=32):
         torch.tanh(2 * blobs),                                              # blobs
     ]
     u = torch.stack(patterns)[y, torch.arange(n)].unsqueeze(1)             # n x 1 x H x W in [-1, 1]
-    c1, c2 = rnd(n, 3, 1, 1), rnd(n, 3, 1, 1)
+    c1 = rnd(n, 3, 1, 1)
+    c2 = (c1 + 0.25 + 0.5 * rnd(n, 3, 1, 1)) % 1                  # every channel differs
     img = c1 * (1 + u) / 2 + c2 * (1 - u) / 2 + 0.08 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
@@ -417,6 +418,13 @@ def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     return votes.argmax(1)
 
 
+def fixed_batch(ds, n, size, small, device):
+    """n images spread over ds, without augmentation, and their labels: the diagnostics' batch."""
+    evaluate = eval_transform(size, small)
+    items = [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
+    return torch.stack([evaluate(x) for x, _ in items]).to(device), torch.tensor([y for _, y in items])
+
+
 @torch.no_grad()
 def diagnostics(model, probe, bank, num_classes):
     """The mechanism, measured on a fixed held-out batch without augmentation, in eval mode."""
@@ -592,11 +600,6 @@ def main(argv=None):
     spe = len(train) // args.batch_size                       # optimiser steps per epoch
     if spe == 0:
         raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
-    evaluate = eval_transform(args.img_size, small)
-    pick = lambda ds, n: [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
-    probe, bank = pick(val, 512), pick(train, 512)
-    as_batch = lambda items: (torch.stack([evaluate(x) for x, _ in items]).to(device),
-                              torch.tensor([y for _, y in items]))
 
     # resume or start
     ckpt = None
@@ -648,7 +651,7 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         rows = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]   # drop steps redone
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-        probe_b, bank_b = as_batch(probe), as_batch(bank)
+        probe, bank = fixed_batch(val, 512, args.img_size, small, device), fixed_batch(train, 512, args.img_size, small, device)
 
     def save_checkpoint():
         states = [None] * world
@@ -675,8 +678,8 @@ def main(argv=None):
     say(f"decorr | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, "
         f"{args.epochs} epochs | batch {args.batch_size} on {world} x {device.type} | "
         f"partitions {args.partitions} | amp {args.amp}{' compile' if args.compile else ''}")
-    t0, t_last, s_last, saved = time.time(), time.time(), step, step
-    while step < last and not stop:
+    t0, t_last, step0, s_last, saved, stopping = time.time(), time.time(), step, step, step, False
+    while step < last and not stopping:
         epoch, offset = divmod(step, spe)
         sampler.set_epoch(epoch)
         views.epoch = epoch
@@ -705,28 +708,27 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             step += 1
-            if stop_v and not stop:
-                stop.append("peer")
-            if master and (step % args.log_every == 0 or step == last or stop):
+            stopping = stop_v > 0                             # the same decision on every rank
+            if master and (step % args.log_every == 0 or step == last or stopping):
                 now = time.time()
                 ips = (step - s_last) * args.batch_size / (now - t_last)
-                eta = (last - step) * (now - t0) / max(1, step - s_last if s_last == saved else step)
+                eta = (last - step) * (now - t0) / (step - step0)
                 row = dict(epoch=epoch, step=step, loss=loss_v, inv=inv_v, cov=cov_v, lr=lr, img_per_s=ips)
                 append_jsonl(log_path, row)
                 say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} inv {inv_v:.4f} "
                     f"cov {cov_v:.4f} | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
                 t_last, s_last = now, step
             if master and (step % diag_every == 0 or step == last):
-                d = diagnostics(raw, probe_b, bank_b, num_classes)
+                d = diagnostics(raw, probe, bank, num_classes)
                 append_jsonl(log_path, dict(epoch=epoch, step=step, **d))
                 warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else ""
                 say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
-            if step == last or stop or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
+            if step == last or stopping or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
                 save_checkpoint()
                 saved = step
-            if step == last or stop:
+            if step == last or stopping:
                 break
-    if master and not stop:
+    if master and not stopping:
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
         atomic_write(os.path.join(out, "wp.png"),
                      lambda fh: fh.write(torchvision.io.encode_png(wp_picture(raw.predictor.weight)).numpy().tobytes()))
@@ -736,7 +738,7 @@ def main(argv=None):
         dist.all_gather(gathered, sums)
         if master:
             append_jsonl(log_path, dict(step=step, ranks_in_sync=all(torch.equal(gathered[0], g) for g in gathered)))
-    say(f"{'stopped by signal' if stop else 'done'} at step {step}: {out}/" + ("" if stop else " (backbone.pt, wp.png)"))
+    say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else " (backbone.pt, wp.png)"))
     del model, raw, opt
     if world > 1:
         dist.barrier()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import torchvision
 from torchvision.transforms import v2
 
@@ -50,10 +51,15 @@ def batch_stats(x, dims):
 
 def standardize(f, eps=1e-5):
     """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33.
-    Exactly BatchNorm1d(affine=False) in training mode (biased variance); float32."""
-    f = f.float()
+    Exactly BatchNorm1d(affine=False) in training mode (biased variance); float32 or float64."""
+    f = f if f.dtype == torch.float64 else f.float()
     mean, var = batch_stats(f, (0,))
     return (f - mean) / torch.sqrt(var + eps)
+
+
+def part_cov(p, wtw):
+    """||p^T p / m - W^T W||_F^2 for one part p (m x D) of the predictions, eq. 19 as written."""
+    return (p.T @ p / p.shape[0] - wtw).pow(2).sum()
 
 
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, shard_wtw=False):
@@ -64,14 +70,19 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
         cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19, m = n/parts
         loss = inv_coef * inv + cov_coef / D * cov
 
-    No D x D matrix per part: with P = p_vj (m x D),
-        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
-    (||P^T P|| = ||P P^T||, <P^T P, W^T W> = ||P W^T||^2), and the middle term summed over parts
-    is one n x D product. stopgrad=True detaches the invariance targets (Table 3's STOPGRAD).
-    shard_wtw=True (under torch.distributed) computes only this rank's rows of W^T W, scaled
-    by the world size: the mean over ranks of loss (what DDP optimises) is unchanged."""
+    No D x D matrix per part is kept. When a part has fewer rows than D (the usual case), with
+    P = p_vj:  ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
+    (||P^T P|| = ||P P^T||, <P^T P, W^T W> = ||P W^T||^2); the middle term summed over parts is
+    one n x D product. When m >= D that expansion would cancel badly near convergence and a
+    part's D x D matrix is no larger than the part itself: it is formed as written and recomputed
+    in backward (checkpoint) rather than stored.
+    stopgrad=True detaches the invariance targets (Table 3's STOPGRAD). shard_wtw=True (under
+    torch.distributed, m < D) computes only this rank's rows of W^T W for ||W^T W||^2, scaled by
+    the world size: the mean of loss over ranks, which DDP optimises, is unchanged.
+    Float32 (float64 inputs stay float64), even under autocast."""
     with torch.autocast(f1.device.type, enabled=False):
-        f1, f2, w = f1.float(), f2.float(), w.float()
+        dtype = torch.float64 if torch.float64 in (f1.dtype, f2.dtype, w.dtype) else torch.float32
+        f1, f2, w = f1.to(dtype), f2.to(dtype), w.to(dtype)
         n, D = f1.shape
         if n % parts:
             raise UsageError(f"{n} rows per device do not split into {parts} equal partitions")
@@ -79,17 +90,21 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
         p1, p2 = f1 @ w.T, f2 @ w.T
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
-        if shard_wtw and distributed():
-            rank, world = dist.get_rank(), dist.get_world_size()
-            rows = slice(rank * D // world, (rank + 1) * D // world)
-            wtw_sq = world * (w[:, rows].T @ w).pow(2).sum()
+        if m >= D:
+            wtw = w.T @ w
+            cov = sum(torch.utils.checkpoint.checkpoint(part_cov, pj, wtw, use_reentrant=False)
+                      for p in (p1, p2) for pj in p.split(m)) / parts
         else:
-            wtw_sq = (w.T @ w).pow(2).sum()
-        cov = 2 * wtw_sq
-        for p in (p1, p2):
-            pp = p.view(parts, m, D)
-            gram = torch.bmm(pp, pp.transpose(1, 2))                   # parts x m x m
-            cov = cov + gram.pow(2).sum() / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
+            if shard_wtw and distributed():
+                rank, world = dist.get_rank(), dist.get_world_size()
+                rows = slice(rank * D // world, (rank + 1) * D // world)
+                cov = 2 * world * (w[:, rows].T @ w).pow(2).sum()
+            else:
+                cov = 2 * (w.T @ w).pow(2).sum()
+            for p in (p1, p2):
+                pp = p.view(parts, m, D)
+                gram = torch.bmm(pp, pp.transpose(1, 2))                   # parts x m x m
+                cov = cov + gram.pow(2).sum() / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
 
@@ -98,6 +113,10 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are over all ranks (torch's SyncBatchNorm refuses CPU
     tensors). Same statistics as standardize(), plus affine and running stats."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
 
     def forward(self, x):
         if not (self.training and distributed()):

@@ -1,0 +1,628 @@
+"""Tests for decorr.py against the paper (Liu, Suganuma, Okatani, NeurIPS 2022).
+
+Algorithm 1 of the appendix is the implementation truth: `algorithm1` below transcribes it
+part by part (one part = one GPU's local batch in the paper) and decorr_loss must agree with
+it in value and gradients. Small sizes throughout: the whole file runs in well under a
+minute on a 2-core CPU.
+
+    python -m pytest -q test_decorr.py
+"""
+import datetime
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import decorr
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
+    """Direct transcription of Algorithm 1 (appendix F), one part at a time.
+
+    Each part j (m = n/parts rows) is what one GPU computes; under data-parallel training the
+    gradients are averaged over the GPUs, so the effective loss is the mean over parts.
+    Returns (loss, inv, cov) with inv and cov the means over parts; runs in the inputs' dtype."""
+    n, D = f1.shape
+    m = n // parts
+    wtw = w.T @ w                  # the same on every part (hoisted out of the loop: saves time only)
+    losses, invs, covs = [], [], []
+    for j in range(parts):
+        a, b = f1[j * m:(j + 1) * m], f2[j * m:(j + 1) * m]
+        p1, p2 = a @ w.T, b @ w.T
+        ta, tb = (a.detach(), b.detach()) if stopgrad else (a, b)
+        inv = (p1 - tb).pow(2).mean() + (p2 - ta).pow(2).mean()
+        cov1 = p1.T @ p1 / m
+        cov2 = p2.T @ p2 / m
+        cov = (cov1 - wtw).pow(2).sum() + (cov2 - wtw).pow(2).sum()
+        losses.append(inv_coef * inv + cov_coef / D * cov)
+        invs.append(inv)
+        covs.append(cov)
+    return torch.stack(losses).mean(), torch.stack(invs).mean(), torch.stack(covs).mean()
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected||, computed in float64."""
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def assert_rel(actual, expected, rtol, what):
+    err = rel_err(actual, expected)
+    dt = getattr(actual, "dtype", None)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e} (result dtype {dt})"
+
+
+def raw_features(n, D, g, dtype=torch.float64):
+    """Unstandardized features: correlated, offset, differently scaled dimensions."""
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    x = x @ (torch.eye(D, dtype=torch.float64) + 0.5 * torch.randn(D, D, generator=g, dtype=torch.float64))
+    x = x * (0.5 + 2 * torch.rand(D, generator=g, dtype=torch.float64)) + 3 * torch.randn(D, generator=g, dtype=torch.float64)
+    return x.to(dtype)
+
+
+def standardized(n, D, g, dtype=torch.float64):
+    x = raw_features(n, D, g, torch.float64)
+    return ((x - x.mean(0)) / x.std(0, correction=0)).to(dtype)
+
+
+def whitened_parts(n, D, parts, g):
+    """n x D features (float64) whose every part of m = n/parts rows has zero mean and identity
+    covariance F_j^T F_j / m = I (so the whole batch is standardized and whitened too)."""
+    m = n // parts
+    assert m >= D
+    out = []
+    for _ in range(parts):
+        x = torch.randn(m, D, generator=g, dtype=torch.float64)
+        q, _ = torch.linalg.qr(x - x.mean(0))          # orthonormal columns, orthogonal to 1
+        out.append(q * math.sqrt(m))
+    return torch.cat(out)
+
+
+def loss_and_grads(fn, f1, f2, w, **kw):
+    ins = [t.detach().clone().requires_grad_() for t in (f1, f2, w)]
+    loss, inv, cov = fn(*ins, **kw)
+    grads = torch.autograd.grad(loss, ins)
+    return (loss, inv, cov), grads
+
+
+# ----------------------------------------------------------------------------- 1. decorr_loss == Algorithm 1
+
+LOSS_CASES = [  # parts, inv_coef, cov_coef, stopgrad
+    (1, 1.0, 1.0, False),
+    (2, 25.0, 1.0, False),
+    (8, 10.0, 8.0, False),
+    (1, 1.0, 25.0, True),
+    (2, 1.0, 1.0, True),
+    (8, 25.0, 1.0, True),
+]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("parts,inv_coef,cov_coef,stopgrad", LOSS_CASES)
+def test_decorr_loss_matches_algorithm1(dtype, rtol, parts, inv_coef, cov_coef, stopgrad):
+    g = torch.Generator().manual_seed(100 + parts)
+    n, D = 64, 24
+    f1 = standardized(n, D, g)
+    f2 = standardized(n, D, g) * 0.5 + f1 * 0.5        # correlated second view
+    w = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    kw = dict(parts=parts, inv_coef=inv_coef, cov_coef=cov_coef, stopgrad=stopgrad)
+    # the truth: Algorithm 1 in float64 on exactly the values the tested dtype can hold
+    f1, f2, w = (t.to(dtype).double() for t in (f1, f2, w))
+    ref, ref_g = loss_and_grads(algorithm1, f1, f2, w, **kw)
+    out, out_g = loss_and_grads(decorr.decorr_loss, f1.to(dtype), f2.to(dtype), w.to(dtype), **kw)
+    for name, a, e in zip(("loss", "inv", "cov"), out, ref):
+        assert_rel(a, e, rtol, name)
+    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g):
+        assert_rel(a, e, rtol, name)
+
+
+def test_decorr_loss_keeps_float64():
+    """A reference implementation should not silently round float64 inputs to float32."""
+    g = torch.Generator().manual_seed(1)
+    f1, f2 = standardized(16, 8, g), standardized(16, 8, g)
+    w = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    loss, inv, cov = decorr.decorr_loss(f1, f2, w, parts=2)
+    assert loss.dtype == inv.dtype == cov.dtype == torch.float64
+
+
+@pytest.mark.parametrize("parts", [1, 2, 8])
+def test_decorr_loss_float32_near_converged(parts):
+    """Near the optimum: every part whitened (F_j^T F_j / m = I), views almost equal, W close to
+    I. The covariance term is then a small difference of O(D) quantities; float32 must still
+    give loss, inv, cov and gradients to 1e-4 of the exact (float64) Algorithm 1."""
+    g = torch.Generator().manual_seed(7)
+    n, D, eps = 512, 32, 0.01
+    f1 = whitened_parts(n, D, parts, g)
+    f2 = f1 + eps * torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.eye(D, dtype=torch.float64) + eps * torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    f1, f2, w = (t.float() for t in (f1, f2, w))
+    ref, ref_g = loss_and_grads(algorithm1, f1.double(), f2.double(), w.double(), parts=parts)
+    ref32, _ = loss_and_grads(algorithm1, f1, f2, w, parts=parts)
+    out, out_g = loss_and_grads(decorr.decorr_loss, f1, f2, w, parts=parts)
+    assert out[0].dtype == torch.float32
+    for name, a, e, r32 in zip(("loss", "inv", "cov"), out, ref, ref32):
+        assert rel_err(a, e) <= 1e-4, (
+            f"{name}: decorr_loss float32 relative error {rel_err(a, e):.3e} > 1e-4 "
+            f"(Algorithm 1 itself in float32: {rel_err(r32, e):.1e}; exact {name} = {e.item():.4e})")
+    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g):
+        assert_rel(a, e, 1e-4, name)
+
+
+def test_decorr_loss_rejects_unequal_parts():
+    f = torch.zeros(10, 4)
+    with pytest.raises(decorr.UsageError):
+        decorr.decorr_loss(f, f, torch.eye(4), parts=3)
+
+
+# ----------------------------------------------------------------------------- 2. Lemma 3.2
+
+
+def test_lemma_3_2_gradients():
+    """L = 1/2 ||W F1 - StopGrad(F2)||^2 (columns are samples):
+    dL/dW = W F1 F1^T - F2 F1^T (eq. 21), dL/dF1 = W^T W F1 - W^T F2 (eq. 22), dL/dF2 = 0."""
+    g = torch.Generator().manual_seed(3)
+    D, n = 12, 40
+    W = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
+    F1 = torch.randn(D, n, generator=g, dtype=torch.float64, requires_grad=True)
+    F2 = torch.randn(D, n, generator=g, dtype=torch.float64, requires_grad=True)
+    L = 0.5 * (W @ F1 - F2.detach()).pow(2).sum()
+    gW, gF1, gF2 = torch.autograd.grad(L, (W, F1, F2), allow_unused=True)
+    with torch.no_grad():
+        assert_rel(gW, W @ F1 @ F1.T - F2 @ F1.T, 1e-12, "eq. 21")
+        assert_rel(gF1, W.T @ W @ F1 - W.T @ F2, 1e-12, "eq. 22")
+    assert gF2 is None
+
+
+def test_lemma_3_2_in_decorr_loss_stopgrad():
+    """decorr_loss with cov_coef=0 and stopgrad=True is Lemma 3.2's loss in both directions,
+    scaled by 2/(nD): its W gradient is 2/(nD) [(W F1 - F2) F1^T + (W F2 - F1) F2^T]."""
+    g = torch.Generator().manual_seed(4)
+    n, D = 48, 10
+    f1, f2 = standardized(n, D, g), standardized(n, D, g)
+    w = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
+    f1.requires_grad_()
+    loss, _, _ = decorr.decorr_loss(f1, f2, w, cov_coef=0.0, stopgrad=True)
+    gw, gf1 = torch.autograd.grad(loss, (w, f1))
+    F1, F2, W = f1.detach().T, f2.T, w.detach()
+    assert_rel(gw, 2 / (n * D) * ((W @ F1 - F2) @ F1.T + (W @ F2 - F1) @ F2.T), 1e-5, "dL/dW")
+    assert_rel(gf1, 2 / (n * D) * (W.T @ W @ F1 - W.T @ F2).T, 1e-5, "dL/dF1")  # target f1 detached
+
+
+# ----------------------------------------------------------------------------- 3. standardize == BatchNorm1d
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_standardize_equals_batchnorm(dtype, rtol):
+    g = torch.Generator().manual_seed(5)
+    n, D = 32, 8
+    x = raw_features(n, D, g, dtype)
+    up = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    bn = nn.BatchNorm1d(D, affine=False, dtype=dtype).train()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = decorr.standardize(xa), bn(xb)
+    (ya * up).sum().backward()
+    (yb * up).sum().backward()
+    assert_rel(ya, yb, rtol, "standardize(x)")
+    assert_rel(xa.grad, xb.grad, rtol, "d/dx")
+    assert ya.dtype == dtype, f"standardize returned {ya.dtype} for {dtype} input"
+
+
+# ----------------------------------------------------------------------------- 4. memory
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages that autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    total = sum(storages.values())
+    del out
+    return total
+
+
+def test_memory_does_not_scale_with_parts():
+    """Algorithm 1 keeps a D x D matrix per part alive for backward (several hundred MB here);
+    decorr_loss must need a small fraction of that, independent of the number of parts."""
+    g = torch.Generator().manual_seed(6)
+    n, D, parts = 512, 1024, 32
+    f1 = torch.randn(n, D, generator=g).requires_grad_()
+    f2 = torch.randn(n, D, generator=g).requires_grad_()
+    w = (torch.randn(D, D, generator=g) / math.sqrt(D)).requires_grad_()
+    ref = saved_bytes(lambda: algorithm1(f1, f2, w, parts=parts))
+    ours = saved_bytes(lambda: decorr.decorr_loss(f1, f2, w, parts=parts))
+    ours1 = saved_bytes(lambda: decorr.decorr_loss(f1, f2, w, parts=1))
+    MB = 2**20
+    assert ref > 2 * parts * D * D * 4, f"reference saved only {ref / MB:.0f} MB: measurement broken?"
+    assert ours < ref / 10, f"decorr_loss saves {ours / MB:.1f} MB vs Algorithm 1 {ref / MB:.1f} MB"
+    assert ours < 1.5 * ours1, f"saved memory grows with parts: {ours1 / MB:.1f} MB -> {ours / MB:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- 5. autocast
+
+
+def test_autocast_bf16_returns_float32():
+    g = torch.Generator().manual_seed(8)
+    n, D = 64, 16
+    x1, x2 = raw_features(n, D, g, torch.float32), raw_features(n, D, g, torch.float32)
+    w = torch.randn(D, D, generator=g) / math.sqrt(D)
+
+    def run(autocast, a, b):
+        ins = [t.clone().requires_grad_() for t in (a, b, w)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            f1, f2 = decorr.standardize(ins[0]), decorr.standardize(ins[1])
+            loss, inv, cov = decorr.decorr_loss(f1, f2, ins[2], parts=2, inv_coef=25.0)
+        grads = torch.autograd.grad(loss, ins)
+        return (f1, f2, loss, inv, cov), grads
+
+    (fa, fb, *vals), grads = run(True, x1, x2)
+    (fa32, fb32, *vals32), grads32 = run(False, x1, x2)
+    for t in (fa, fb, *vals):
+        assert t.dtype == torch.float32
+    for name, a, e in zip(("std(x1)", "std(x2)", "loss", "inv", "cov"), (fa, fb, *vals), (fa32, fb32, *vals32)):
+        assert_rel(a, e, 1e-5, name)
+    for name, a, e in zip(("dx1", "dx2", "dw"), grads, grads32):
+        assert_rel(a, e, 1e-5, name)
+
+    # bf16 inputs, as a Linear under autocast would produce them: float32 results, computed
+    # exactly as from the same values in float32
+    h1, h2 = x1.bfloat16(), x2.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s1, s2 = decorr.standardize(h1), decorr.standardize(h2)
+        out = decorr.decorr_loss(h1, h2, w.bfloat16(), parts=2)
+    assert s1.dtype == torch.float32 and out[0].dtype == torch.float32
+    assert_rel(s1, decorr.standardize(h1.float()), 1e-6, "std(bf16)")
+    for a, e in zip(out, decorr.decorr_loss(h1.float(), h2.float(), w.bfloat16().float(), parts=2)):
+        assert_rel(a, e, 1e-5, "decorr_loss(bf16)")
+
+
+# ----------------------------------------------------------------------------- 6. distributed
+
+
+def _init_group(rank, world, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "store"), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+def _finish_group():
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _dist_decorr_worker(rank, world, tmp):
+    _init_group(rank, world, tmp)
+    try:
+        data = torch.load(os.path.join(tmp, "inputs.pt"))
+        x1, x2, w = data["x1"], data["x2"], data["w"]
+        n = x1.shape[0]
+        rows = slice(rank * n // world, (rank + 1) * n // world)
+        results = []
+        for parts, inv_coef, cov_coef, stopgrad in data["cases"]:
+            a = x1[rows].clone().requires_grad_()
+            b = x2[rows].clone().requires_grad_()
+            wl = w.clone().requires_grad_()
+            f1, f2 = decorr.standardize(a), decorr.standardize(b)
+            loss, inv, cov = decorr.decorr_loss(f1, f2, wl, parts=parts, inv_coef=inv_coef, cov_coef=cov_coef,
+                                                stopgrad=stopgrad, shard_wtw=True)
+            loss.backward()
+            results.append(dict(loss=loss.detach(), inv=inv.detach(), cov=cov.detach(), gw=wl.grad,
+                                g1=a.grad, g2=b.grad, f1=f1.detach()))
+        torch.save(results, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        _finish_group()
+
+
+DIST_CASES = [  # parts per process, inv_coef, cov_coef, stopgrad
+    (1, 1.0, 1.0, False),
+    (2, 25.0, 8.0, False),
+    (2, 1.0, 1.0, True),
+]
+
+
+@pytest.fixture(scope="module")
+def dist_decorr(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("dist_decorr"))
+    g = torch.Generator().manual_seed(9)
+    n, D, world = 32, 13, 2                            # D odd: the W^T W shards are uneven
+    data = dict(x1=raw_features(n, D, g), x2=raw_features(n, D, g),
+                w=torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D), cases=DIST_CASES)
+    torch.save(data, os.path.join(tmp, "inputs.pt"))
+    mp.spawn(_dist_decorr_worker, args=(world, tmp), nprocs=world, join=True)
+    return data, [torch.load(os.path.join(tmp, f"out{r}.pt")) for r in range(world)], world
+
+
+@pytest.mark.parametrize("case", range(len(DIST_CASES)),
+                         ids=[f"parts_local{c[0]}-inv{c[1]:g}-cov{c[2]:g}-sg{int(c[3])}" for c in DIST_CASES])
+def test_distributed_decorr_equals_single_process(dist_decorr, case):
+    """2 processes, each with half of the global batch, standardize (synchronised) +
+    decorr_loss(parts=k, shard_wtw=True), vs one process on the whole batch with 2k parts.
+    DDP averages parameter gradients, so the optimised loss is the mean over ranks; the
+    synchronised standardization's backward sums over ranks, so rank r's feature gradient is
+    world x the single-process gradient of its rows."""
+    data, outs, world = dist_decorr
+    parts, inv_coef, cov_coef, stopgrad = DIST_CASES[case]
+    x1 = data["x1"].clone().requires_grad_()
+    x2 = data["x2"].clone().requires_grad_()
+    w = data["w"].clone().requires_grad_()
+    f1, f2 = decorr.standardize(x1), decorr.standardize(x2)
+    loss, inv, cov = decorr.decorr_loss(f1, f2, w, parts=world * parts, inv_coef=inv_coef,
+                                        cov_coef=cov_coef, stopgrad=stopgrad)
+    loss.backward()
+    res = [o[case] for o in outs]
+    tol = 1e-9 if loss.dtype == torch.float64 else 1e-5
+    n = x1.shape[0]
+    # standardization uses the global statistics
+    assert_rel(torch.cat([r["f1"] for r in res]), f1, tol, "standardize over the global batch")
+    for name, single in (("loss", loss), ("inv", inv), ("cov", cov)):
+        assert_rel(torch.stack([r[name] for r in res]).mean(), single, tol, f"mean over ranks of {name}")
+    assert_rel(torch.stack([r["gw"] for r in res]).mean(0), w.grad, tol, "mean over ranks of W.grad")
+    for r, out in enumerate(res):
+        rows = slice(r * n // world, (r + 1) * n // world)
+        assert_rel(out["g1"] / world, x1.grad[rows], tol, f"rank {r} grad of view 1 / world")
+        assert_rel(out["g2"] / world, x2.grad[rows], tol, f"rank {r} grad of view 2 / world")
+
+
+def _dist_bn_worker(rank, world, tmp):
+    _init_group(rank, world, tmp)
+    try:
+        data = torch.load(os.path.join(tmp, "inputs.pt"))
+        n = data["x"].shape[0]
+        rows = slice(rank * n // world, (rank + 1) * n // world)
+        bn = nn.BatchNorm2d(data["weight"].numel())
+        with torch.no_grad():
+            bn.weight.copy_(data["weight"])
+            bn.bias.copy_(data["bias"])
+        model = decorr.sync_batchnorm(nn.Sequential(bn), torch.device("cpu")).train()
+        sbn = model[0]
+        out = dict(kind=type(sbn).__name__)
+        x = data["x"][rows].clone().requires_grad_()
+        y = model(x)
+        (y * data["up"][rows]).sum().backward()
+        with torch.no_grad():
+            model(data["x2"][rows])                    # a second step for the running stats
+        out.update(y=y.detach(), gx=x.grad, gweight=sbn.weight.grad, gbias=sbn.bias.grad,
+                   running_mean=sbn.running_mean.clone(), running_var=sbn.running_var.clone(),
+                   num_batches_tracked=sbn.num_batches_tracked.clone())
+        model.eval()                                   # diagnostics() runs the model in eval mode
+        try:
+            with torch.no_grad():
+                out["y_eval"] = model(data["x"][rows])
+        except Exception as e:                         # reported by the eval-mode test
+            out["eval_error"] = f"{type(e).__name__}: {e}"
+        torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        _finish_group()
+
+
+@pytest.fixture(scope="module")
+def dist_bn(tmp_path_factory):
+    """2 ranks with CPUSyncBatchNorm (via decorr.sync_batchnorm) vs one nn.BatchNorm2d on the
+    whole batch: one training step (forward + backward), one more forward, then eval mode."""
+    tmp = tmp_path_factory.mktemp("dist_bn")
+    g = torch.Generator().manual_seed(10)
+    world, n, C = 2, 8, 3
+    x = torch.randn(n, C, 4, 4, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(1, C, 1, 1) + 2
+    data = dict(x=x, x2=torch.randn(n, C, 4, 4, generator=g) - 1, up=torch.randn(n, C, 4, 4, generator=g),
+                weight=torch.rand(C, generator=g) + 0.5, bias=torch.randn(C, generator=g))
+    torch.save(data, tmp / "inputs.pt")
+    mp.spawn(_dist_bn_worker, args=(world, str(tmp)), nprocs=world, join=True)
+    res = [torch.load(tmp / f"out{r}.pt") for r in range(world)]
+
+    bn = nn.BatchNorm2d(C).train()
+    with torch.no_grad():
+        bn.weight.copy_(data["weight"])
+        bn.bias.copy_(data["bias"])
+    xs = x.clone().requires_grad_()
+    y = bn(xs)
+    ((y * data["up"]).sum() / world).backward()       # DDP's objective: the mean over ranks
+    with torch.no_grad():
+        bn(data["x2"])
+    bn.eval()
+    with torch.no_grad():
+        y_eval = bn(x)
+    single = dict(y=y.detach(), gx=xs.grad, gweight=bn.weight.grad, gbias=bn.bias.grad,
+                  running_mean=bn.running_mean, running_var=bn.running_var,
+                  num_batches_tracked=bn.num_batches_tracked, y_eval=y_eval)
+    return res, single, world, n
+
+
+def test_cpu_sync_batchnorm_training_equals_single_batchnorm(dist_bn):
+    res, single, world, n = dist_bn
+    tol = 1e-5
+    for r, out in enumerate(res):
+        assert out["kind"] == "CPUSyncBatchNorm"
+        rows = slice(r * n // world, (r + 1) * n // world)
+        assert_rel(out["y"], single["y"][rows], tol, f"rank {r} output")
+        assert_rel(out["gx"] / world, single["gx"][rows], tol, f"rank {r} input grad / world")
+        assert_rel(out["running_mean"], single["running_mean"], tol, f"rank {r} running_mean")
+        assert_rel(out["running_var"], single["running_var"], tol, f"rank {r} running_var")
+        assert int(out["num_batches_tracked"]) == int(single["num_batches_tracked"]) == 2
+    assert_rel(torch.stack([o["gweight"] for o in res]).mean(0), single["gweight"], tol, "mean weight grad")
+    assert_rel(torch.stack([o["gbias"] for o in res]).mean(0), single["gbias"], tol, "mean bias grad")
+
+
+def test_cpu_sync_batchnorm_eval_mode_uses_running_stats(dist_bn):
+    res, single, world, n = dist_bn
+    for r, out in enumerate(res):
+        assert "eval_error" not in out, f"rank {r}: CPUSyncBatchNorm in eval mode raised {out['eval_error']}"
+        rows = slice(r * n // world, (r + 1) * n // world)
+        assert_rel(out["y_eval"], single["y_eval"][rows], 1e-5, f"rank {r} eval output")
+
+
+# ----------------------------------------------------------------------------- 7. diagnostics
+
+
+def test_corr_dist_identity_correlation_is_zero():
+    g = torch.Generator().manual_seed(11)
+    n, D = 256, 32
+    q = whitened_parts(n, D, 1, g)                   # correlation exactly I
+    h = q * (0.1 + 5 * torch.rand(D, generator=g, dtype=torch.float64)) + 10 * torch.randn(D, generator=g, dtype=torch.float64)
+    assert abs(decorr.corr_dist(h.float())) < 1e-4
+
+
+def test_corr_dist_matches_direct_computation():
+    g = torch.Generator().manual_seed(12)
+    n, D = 256, 32
+    h = raw_features(n, D, g)
+    expected = ((torch.corrcoef(h.T) - torch.eye(D, dtype=torch.float64)).pow(2).sum() / D).item()
+    assert expected > 0.5                              # non-trivial
+    assert decorr.corr_dist(h.float()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_wp_offdiag():
+    g = torch.Generator().manual_seed(13)
+    D = 16
+    assert decorr.wp_offdiag(torch.diag(torch.rand(D, generator=g) + 0.5)) == pytest.approx(0.0, abs=1e-6)
+    dense = torch.randn(D, D, generator=g) / math.sqrt(D) + torch.eye(D)
+    wn = dense.double() / dense.double().diagonal().unsqueeze(1)
+    expected = (1 - D / wn.pow(2).sum()).item()         # share of energy off the diagonal
+    assert expected > 0.1
+    assert decorr.wp_offdiag(dense) == pytest.approx(expected, rel=1e-4)
+
+
+def test_eff_rank_of_rank_r_features():
+    g = torch.Generator().manual_seed(14)
+    n, D, r = 256, 64, 5
+    u = whitened_parts(n, r, 1, g) / math.sqrt(n)    # n x r orthonormal, centred columns
+    v, _ = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))
+    x = 3.0 * u @ v.T + torch.randn(D, generator=g, dtype=torch.float64)     # equal singular values
+    assert decorr.eff_rank(x.float()) == pytest.approx(r, abs=0.05)
+    full = torch.randn(n, D, generator=g)
+    assert decorr.eff_rank(full) > 0.8 * D
+
+
+def _feat_std_and_rank(z):
+    """As diagnostics() computes them."""
+    return z.std(0).mean().item(), decorr.eff_rank(decorr.centred_unit(z))
+
+
+def test_collapsing():
+    g = torch.Generator().manual_seed(15)
+    const = torch.randn(1, 64, generator=g).expand(256, 64).contiguous()
+    assert decorr.collapsing(*_feat_std_and_rank(const)) is True
+    one_dir = torch.randn(256, 1, generator=g) @ torch.randn(1, 64, generator=g)   # dimensional collapse
+    assert decorr.collapsing(*_feat_std_and_rank(one_dir)) is True
+    healthy = torch.randn(256, 64, generator=g)
+    assert decorr.collapsing(*_feat_std_and_rank(healthy)) is False
+
+
+def test_knn_predict_separated_clusters():
+    g = torch.Generator().manual_seed(16)
+    classes, D = 6, 16
+    centres = torch.randn(classes, D, generator=g) * 10
+
+    def sample(per):
+        y = torch.arange(classes).repeat_interleave(per)
+        return centres[y] + 0.3 * torch.randn(len(y), D, generator=g), y
+
+    bank, bank_y = sample(50)
+    query, query_y = sample(20)
+    pred = decorr.knn_predict(bank, bank_y, query, classes)
+    assert pred.shape == query_y.shape
+    assert (pred == query_y).float().mean().item() >= 0.99
+
+
+def test_wp_picture_diagonal_is_bright():
+    g = torch.Generator().manual_seed(17)
+    D, size = 16, 64
+    w = torch.diag(torch.rand(D, generator=g) + 0.5) + 0.05 * torch.randn(D, D, generator=g)
+    img = decorr.wp_picture(w, size=size)
+    assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3 and img.shape[1] == size
+    a = img[1].float()                                  # green channel: increasing in |W|
+    i = torch.arange(size)
+    block = i // (size // D)
+    on = block.view(-1, 1) == block.view(1, -1)
+    for x0 in (0, img.shape[2] - size):                 # both panels
+        panel = a[:, x0:x0 + size]
+        assert panel[on].min() > panel[~on].max(), f"panel at x={x0}: diagonal not brighter"
+
+
+# ----------------------------------------------------------------------------- 8. LARS and schedule
+
+
+def test_learning_rate_schedule():
+    total, warmup, base = 100, 10, 0.6
+    lr = [decorr.learning_rate(s, total, warmup, base) for s in range(total + 1)]
+    steps = np.diff(lr[:warmup])
+    assert lr[0] > 0 and np.allclose(steps, steps[0]) and steps[0] > 0     # linear rise
+    assert lr[warmup - 1] == pytest.approx(base) and lr[warmup] == pytest.approx(base)
+    assert all(b <= a + 1e-12 for a, b in zip(lr[warmup:], lr[warmup + 1:]))  # then non-increasing
+    mid = warmup + (total - warmup) // 2
+    assert lr[mid] == pytest.approx(base / 2, rel=1e-6)                     # cosine: half way
+    assert lr[total] == pytest.approx(0.0, abs=1e-12)                       # ends at 0
+    assert lr[total - 1] < 1e-3 * base
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.bn = nn.BatchNorm1d(1)
+        self.frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
+
+
+def test_make_optimizer_groups():
+    net = _Net()
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=1e-4))
+    lars = [gr for gr in opt.param_groups if gr["lars"]]
+    plain = [gr for gr in opt.param_groups if not gr["lars"]]
+    assert len(lars) == 1 and len(plain) == 1
+    ids = lambda ps: {id(p) for p in ps}
+    assert ids(lars[0]["params"]) == {id(net.lin.weight)}
+    assert lars[0]["weight_decay"] == 1e-4
+    assert ids(plain[0]["params"]) == ids([net.lin.bias, net.bn.weight, net.bn.bias])
+    assert plain[0]["weight_decay"] == 0.0
+    assert id(net.frozen) not in ids(p for gr in opt.param_groups for p in gr["params"])
+
+
+def test_lars_steps_match_hand_computation():
+    net = _Net()
+    wd, lr, mom, eta = 0.1, 0.5, 0.9, 0.001
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=wd))
+    for gr in opt.param_groups:
+        gr["lr"] = lr
+    with torch.no_grad():
+        net.lin.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        net.lin.bias.fill_(2.0)
+    w = np.array([3.0, 4.0])
+    b = 2.0
+    mu_w, mu_b = np.zeros(2), 0.0
+    for gw, gb in (([1.0, -2.0], 0.5), ([-0.25, 0.75], -1.5)):
+        gw = np.array(gw)
+        net.lin.weight.grad = torch.from_numpy(gw).float().unsqueeze(0)
+        net.lin.bias.grad = torch.tensor([gb])
+        for p in (net.bn.weight, net.bn.bias):
+            p.grad = None                                # no grad: left alone
+        opt.step()
+        d = gw + wd * w                                  # weight decay, then the trust ratio
+        d = d * eta * np.linalg.norm(w) / np.linalg.norm(d)
+        mu_w = mom * mu_w + d
+        w = w - lr * mu_w
+        mu_b = mom * mu_b + gb                           # bias: plain momentum SGD
+        b = b - lr * mu_b
+        np.testing.assert_allclose(net.lin.weight.detach().numpy()[0], w, rtol=1e-6)
+        np.testing.assert_allclose(net.lin.bias.item(), b, rtol=1e-6)
+    assert torch.equal(net.bn.weight.detach(), torch.ones(1)) and torch.equal(net.bn.bias.detach(), torch.zeros(1))
+
+
+def test_lars_zero_parameter_uses_unit_trust_ratio():
+    p = nn.Parameter(torch.zeros(2, 2))
+    opt = decorr.LARS([p], lr=0.1, weight_decay=0.0, momentum=0.0)
+    p.grad = torch.ones(2, 2)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((2, 2), -0.1))

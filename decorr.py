@@ -433,7 +433,7 @@ def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     """Cosine k-NN with exp(sim / t)-weighted votes, as in SSL papers (Wu et al. 2018)."""
     bank, query = F.normalize(bank.float(), dim=1), F.normalize(query.float(), dim=1)
     sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
-    votes = torch.zeros(len(query), num_classes).scatter_add_(1, bank_y[idx], (sim / t).exp())
+    votes = query.new_zeros(len(query), num_classes).scatter_add_(1, bank_y.to(idx.device)[idx], (sim / t).exp())
     return votes.argmax(1)
 
 
@@ -457,7 +457,7 @@ def diagnostics(model, probe, bank, num_classes):
                feat_std=z.std(0).mean().item())
     if num_classes:
         pred = knn_predict(model.backbone(xb).float(), yb, h, num_classes)
-        out["knn_top1"] = 100.0 * (pred == yq).float().mean().item()
+        out["knn_top1"] = 100.0 * (pred.cpu() == yq).float().mean().item()
     model.train(was_training)
     return out
 

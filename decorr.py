@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import torchvision
+from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
 
@@ -259,19 +260,6 @@ def synthetic_images(n, seed, size=32):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
-class Images(torch.utils.data.Dataset):
-    """(image, label) from an in-memory uint8 tensor."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
-
 def load_image(path):
     from PIL import Image
     try:
@@ -286,8 +274,8 @@ def load_data(data, root="data"):
     'synthetic', 'cifar10', 'cifar100' (torchvision, under root, never downloaded) or the path
     of an ImageFolder tree in ImageNet layout (data/train/<class>/..., data/val/<class>/...)."""
     if data == "synthetic":
-        return (Images(*synthetic_images(SYNTH_TRAIN, 0)), Images(*synthetic_images(SYNTH_VAL, 1)),
-                10, True)
+        return (TensorDataset(*synthetic_images(SYNTH_TRAIN, 0)),
+                TensorDataset(*synthetic_images(SYNTH_VAL, 1)), 10, True)
     if data in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -295,9 +283,9 @@ def load_data(data, root="data"):
         except RuntimeError:
             raise UsageError(f"{data} not found under --data-root {root!r}; download it there "
                              f"once (torchvision.datasets.{cls.__name__}(root, download=True))") from None
-        sets = [Images(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                       torch.tensor(s.targets)) for s in sets]
-        return sets[0], sets[1], len(sets[0].y.unique()), True
+        sets = [TensorDataset(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+                              torch.tensor(s.targets)) for s in sets]
+        return sets[0], sets[1], len(sets[0].tensors[1].unique()), True
     if not os.path.isdir(data):
         raise UsageError(f"--data {data!r}: no such directory (or use synthetic, cifar10, cifar100)")
     splits = []
@@ -518,9 +506,10 @@ def load_checkpoint(path):
 
 
 def rng_state():
-    np_state = np.random.get_state()
+    """Every random generator of this process, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, *rest = np.random.get_state()
     return dict(torch=torch.get_rng_state(), python=random.getstate(),
-                numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), *rest],
                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 

@@ -288,12 +288,12 @@ def load_data(data, root="data"):
         return sets[0], sets[1], len(sets[0].tensors[1].unique()), True
     if not os.path.isdir(data):
         raise UsageError(f"--data {data!r}: no such directory (or use synthetic, cifar10, cifar100)")
-    splits = []
     for split in ("train", "val"):
-        path = os.path.join(data, split)
-        if not os.path.isdir(path):
+        if not os.path.isdir(os.path.join(data, split)):
             raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: "
                              f"{split}/<class>/<image>)")
+    splits = []
+    for path in (os.path.join(data, "train"), os.path.join(data, "val")):
         try:
             splits.append(torchvision.datasets.ImageFolder(path, loader=load_image))
         except (FileNotFoundError, RuntimeError) as e:
@@ -608,12 +608,15 @@ def main(argv=None):
     spe = len(train) // args.batch_size                       # optimiser steps per epoch
     if spe == 0:
         raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
+    if master:                                   # the diagnostics' images, read before writing
+        probe = fixed_batch(val, 256, args.img_size, small, device)
+        bank = fixed_batch(train, 512, args.img_size, small, device)
 
     # resume or start
     ckpt = None
     if os.path.exists(ckpt_path):
         if args.fresh:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             if master:
                 for path in (ckpt_path, log_path):
                     if os.path.exists(path):
@@ -659,7 +662,6 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         rows = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]   # drop steps redone
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-        probe, bank = fixed_batch(val, 512, args.img_size, small, device), fixed_batch(train, 512, args.img_size, small, device)
 
     def save_checkpoint():
         states = [None] * world

@@ -27,10 +27,8 @@ import torchvision
 from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
-
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
-
 
 def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -49,7 +47,6 @@ def batch_stats(x, dims):
     var = dist_fn.all_reduce((x - mean.view(shape)).pow(2).mean(dims)) / world
     return mean, var
 
-
 def standardize(f, eps=1e-5):
     """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33.
     Exactly BatchNorm1d(affine=False) in training mode (biased variance); float32 or float64."""
@@ -57,11 +54,9 @@ def standardize(f, eps=1e-5):
     mean, var = batch_stats(f, (0,))
     return (f - mean) / torch.sqrt(var + eps)
 
-
 def part_cov(p, wtw):
     """||p^T p / m - W^T W||_F^2 for one part p (m x D) of the predictions, eq. 19 as written."""
     return (p.T @ p / p.shape[0] - wtw).pow(2).sum()
-
 
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, shard_wtw=False):
     """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D)
@@ -136,7 +131,6 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
-
 def sync_batchnorm(module, device):
     """Every BatchNorm synchronised across processes, as in the paper (sec. 5.1)."""
     if device.type == "cuda":
@@ -154,7 +148,6 @@ def sync_batchnorm(module, device):
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
-
 def build_backbone(arch, small_stem):
     """torchvision ResNet without fc, zero_init_residual=True (sec. 5.1); for images of 64 px or
     less the CIFAR stem: 3x3 conv, stride 1, no max-pool. Returns (backbone, feature dim)."""
@@ -168,16 +161,11 @@ def build_backbone(arch, small_stem):
     net.fc = nn.Identity()
     return net, dim
 
-
 def parse_proj(spec):
-    try:
-        dims = [int(d) for d in spec.split("-")]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) <= 0:
+    dims = [int(d) if d.isdigit() else 0 for d in spec.split("-")]
+    if min(dims) <= 0:
         raise UsageError(f"--proj {spec!r} is not a list of positive widths like 8192-8192-8192")
     return dims
-
 
 def build_projector(in_dim, dims):
     """MLP: Linear + BatchNorm + ReLU between layers, plain Linear last. No biases: each Linear is
@@ -189,7 +177,6 @@ def build_projector(in_dim, dims):
             layers += [nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
         in_dim = d
     return nn.Sequential(*layers)
-
 
 class Decorr(nn.Module):
     """Backbone -> projector -> standardize -> predictor; forward(x1, x2) returns (loss, inv, cov)."""
@@ -222,7 +209,6 @@ class Decorr(nn.Module):
 
 SYNTH_TRAIN, SYNTH_VAL = 5000, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def synthetic_images(n, seed, size=32):
     """10 classes of textures (stripes of three orientations, two checkerboards, rings, dots,
@@ -259,7 +245,6 @@ def synthetic_images(n, seed, size=32):
     img = c1 * (1 + u) / 2 + c2 * (1 - u) / 2 + 0.08 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
-
 def load_image(path):
     from PIL import Image
     try:
@@ -267,7 +252,6 @@ def load_image(path):
             return Image.open(fh).convert("RGB")
     except Exception as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
-
 
 def load_data(data, root="data"):
     """Returns (train, val, num_classes, small): datasets of (image, label). `data` is
@@ -300,7 +284,6 @@ def load_data(data, root="data"):
             raise UsageError(f"--data {path!r}: {str(e).splitlines()[0]}") from None
     return splits[0], splits[1], len(splits[0].classes), False
 
-
 def augmentation(size, small, blur_p, solarize_p):
     """One view of the BYOL / Barlow Twins pipeline (values in NOTES.md); CIFAR variant (no
     blur) for small images."""
@@ -315,14 +298,12 @@ def augmentation(size, small, blur_p, solarize_p):
           v2.Normalize(MEAN, STD)]
     return v2.Compose(t)
 
-
 def eval_transform(size, small):
     """No augmentation: Resize(size * 256/224) + CenterCrop(size) for large images."""
     t = [v2.ToImage()]
     if not small:
         t += [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
     return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
 
 class TwoViews(torch.utils.data.Dataset):
     """Two asymmetric views per image, each drawn with its own random parameters (per sample, not
@@ -369,13 +350,11 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(g["momentum"]).add_(dp)
                 p.add_(mu, alpha=-g["lr"])
 
-
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     return LARS([dict(params=[p for p in params if p.ndim > 1]),
                  dict(params=[p for p in params if p.ndim <= 1], lars=False, weight_decay=0.0)],
-                lr=0.0, weight_decay=args.wd)
-
+                lr=0.0, weight_decay=args.wd, eta=args.lars_eta)
 
 def learning_rate(step, total, warmup, base):
     """Linear warmup, then cosine decay to 0, per step."""
@@ -389,7 +368,6 @@ def centred_unit(x, eps=1e-8):
     x = x.float() - x.float().mean(0)
     return x / (x.pow(2).mean(0).sqrt() + eps)
 
-
 def corr_dist(h):
     """||Sigma - I||_F^2 / D for the correlation matrix Sigma of h (n x D), Fig. 1's quantity;
     via the n x n Gram matrix: ||Z^T Z/n||^2 = ||Z Z^T||^2 / n^2."""
@@ -397,13 +375,11 @@ def corr_dist(h):
     n, D = z.shape
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
 
-
 def wp_offdiag(w):
     """Share of W_p's energy off the diagonal once each row is divided by its diagonal entry
     (appendix C, Fig. 3b): 0 for a diagonal matrix."""
     wn = w.float() / w.float().diagonal().unsqueeze(1)
     return (1 - wn.shape[0] / wn.pow(2).sum()).item()
-
 
 def eff_rank(x):
     """exp(entropy of the normalised singular values) of the centred x: about r for rank r."""
@@ -411,11 +387,9 @@ def eff_rank(x):
     p = s / s.sum().clamp_min(1e-12)
     return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
 
-
 def collapsing(feat_std, rank):
     """Complete collapse (constant output) or dimensional collapse (about one direction left)."""
     return feat_std < 1e-3 or rank < 2.0
-
 
 def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     """Cosine k-NN with exp(sim / t)-weighted votes, as in SSL papers (Wu et al. 2018)."""
@@ -424,13 +398,11 @@ def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     votes = query.new_zeros(len(query), num_classes).scatter_add_(1, bank_y.to(idx.device)[idx], (sim / t).exp())
     return votes.argmax(1)
 
-
 def fixed_batch(ds, n, size, small, device):
     """n images spread over ds, without augmentation, and their labels: the diagnostics' batch."""
     evaluate = eval_transform(size, small)
     items = [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
     return torch.stack([evaluate(x) for x, _ in items]).to(device), torch.tensor([y for _, y in items])
-
 
 @torch.no_grad()
 def diagnostics(model, probe, bank, num_classes):
@@ -448,7 +420,6 @@ def diagnostics(model, probe, bank, num_classes):
         out["knn_top1"] = 100.0 * (pred.cpu() == yq).float().mean().item()
     model.train(was_training)
     return out
-
 
 def wp_picture(w, size=256):
     """Appendix C, Fig. 3: (a) |W_p|, (b) rows divided by their diagonal; side by side, uint8."""
@@ -477,25 +448,16 @@ def atomic_write(path, write):
     os.fsync(dfd)
     os.close(dfd)
 
-
 def append_jsonl(path, row):
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
-
 def read_jsonl(path):
     """The complete lines of a JSON-lines file (a line cut by a crash is dropped)."""
-    rows = []
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
-
+    lines = open(path).read().split("\n") if os.path.exists(path) else []
+    return [json.loads(line) for line in lines if line.endswith("}")]   # rows are flat objects
 
 def load_checkpoint(path):
     try:
@@ -504,14 +466,12 @@ def load_checkpoint(path):
         raise UsageError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
                          f"(truncated or not a decorr checkpoint? use --fresh to start over)") from None
 
-
 def rng_state():
     """Every random generator of this process, in a form torch.load(weights_only=True) accepts."""
     kind, keys, *rest = np.random.get_state()
     return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 numpy=[kind, torch.from_numpy(keys.astype(np.int64)), *rest],
                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
@@ -525,18 +485,16 @@ def set_rng_state(s):
 # Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1),
 # a CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
 PROFILES = dict(
-    folder=dict(arch="resnet50", img_size=224, epochs=100, batch_size=2048, wd=1e-6),
-    cifar=dict(arch="resnet18", img_size=32, epochs=800, batch_size=256, wd=1e-4),
-    synthetic=dict(arch="resnet18", img_size=32, epochs=10, batch_size=256, wd=1e-4),
+    folder=dict(arch="resnet50", img_size=224, epochs=100, batch_size=2048, wd=1e-6, lars_eta=0.001),
+    cifar=dict(arch="resnet18", img_size=32, epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
+    synthetic=dict(arch="resnet18", img_size=32, epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
 )
 RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "partitions", "seed", "no_std",
-                "identity_predictor", "stopgrad", "inv_coef", "cov_coef", "lr", "wd")
-
+                "identity_predictor", "stopgrad", "inv_coef", "cov_coef", "lr", "wd", "lars_eta")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
-
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -550,6 +508,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=None, help="global batch, over all processes")
     a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
     a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
+    a("--lars-eta", type=float, default=None, help="LARS trust coefficient (default: 0.001 for "
+      "folders as in the paper; 0.02 for small data, as solo-learn's CIFAR recipes)")
     a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
     a("--partitions", type=int, default=1, help="k: parts of the global batch (Table 5 #PARTITION)")
     a("--inv-coef", type=float, default=1.0, help="C_inv (Table 5 INV COEF)")
@@ -587,7 +547,6 @@ def parse_args(argv=None):
                          f"{args.partitions} equal parts")
     args.parts_per_device = args.partitions // world
     return args
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -664,11 +623,9 @@ def main(argv=None):
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def save_checkpoint():
-        states = [None] * world
+        states = [rng_state()] * world
         if world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
+            dist.all_gather_object(states, states[0])
         if master:
             state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(),
                          scaler=scaler.state_dict(), rng=states)
@@ -733,6 +690,8 @@ def main(argv=None):
                 append_jsonl(log_path, dict(epoch=epoch, step=step, **d))
                 warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else ""
                 say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
+                png = torchvision.io.encode_png(wp_picture(raw.predictor.weight)).numpy().tobytes()
+                atomic_write(os.path.join(out, "wp.png"), lambda fh: fh.write(png))
             if step == last or stopping or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
                 save_checkpoint()
                 saved = step
@@ -740,14 +699,13 @@ def main(argv=None):
                 break
     if master and not stopping:
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
-        atomic_write(os.path.join(out, "wp.png"),
-                     lambda fh: fh.write(torchvision.io.encode_png(wp_picture(raw.predictor.weight)).numpy().tobytes()))
     if world > 1:                                           # every rank holds the same parameters
         sums = torch.stack([p.detach().double().sum() for p in raw.parameters()])
-        gathered = [torch.zeros_like(sums) for _ in range(world)]
-        dist.all_gather(gathered, sums)
+        hi, lo = sums.clone(), -sums                        # max and -min over ranks
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        dist.all_reduce(lo, dist.ReduceOp.MAX)
         if master:
-            append_jsonl(log_path, dict(step=step, ranks_in_sync=all(torch.equal(gathered[0], g) for g in gathered)))
+            append_jsonl(log_path, dict(step=step, ranks_in_sync=torch.equal(hi, -lo)))
     say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else " (backbone.pt, wp.png)"))
     del model, raw, opt
     if world > 1:

@@ -578,7 +578,7 @@ class _Net(nn.Module):
 
 def test_make_optimizer_groups():
     net = _Net()
-    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=1e-4))
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=1e-4, lars_eta=0.001))
     lars = [gr for gr in opt.param_groups if gr["lars"]]
     plain = [gr for gr in opt.param_groups if not gr["lars"]]
     assert len(lars) == 1 and len(plain) == 1
@@ -593,7 +593,7 @@ def test_make_optimizer_groups():
 def test_lars_steps_match_hand_computation():
     net = _Net()
     wd, lr, mom, eta = 0.1, 0.5, 0.9, 0.001
-    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=wd))
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=wd, lars_eta=eta))
     for gr in opt.param_groups:
         gr["lr"] = lr
     with torch.no_grad():

@@ -6,17 +6,15 @@ Principles in Non-contrastive Self-supervised Learning", NeurIPS 2022.
     backbone -> projector -> standardize (SyncBN, affine=False) -> linear predictor W
     loss = C_inv * ||W F1 - F2||^2 + C_cov / D * sum_parts ||W^T W - W C_part W^T||^2   (eq. 17, 19)
 
-One file, read top to bottom:
-  1. the method: standardize(), decorr_loss()           4. data and augmentation
-  2. BatchNorm synchronised across processes (CPU)      5. LARS and the lr schedule
-  3. the model: ResNet backbone, projector, predictor   6. diagnostics   7. files   8. the training loop
-
-Single process:   python decorr.py                      (synthetic data, a few minutes on a CPU)
-Eight GPUs:       torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
+Read top to bottom: 1. the method: standardize(), decorr_loss()  2. BatchNorm synchronised across
+CPU processes  3. the model  4. data and augmentation  5. LARS  6. diagnostics  7. files  8. training.
+    python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
+    torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
 import argparse, datetime, json, math, os, random, signal, sys, time
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -43,8 +41,7 @@ def batch_stats(x, dims):
         return x.mean(dims), x.var(dims, correction=0)
     world = dist.get_world_size()
     mean = dist_fn.all_reduce(x.mean(dims)) / world
-    shape = [1] * x.dim(); shape[1] = -1
-    var = dist_fn.all_reduce((x - mean.view(shape)).pow(2).mean(dims)) / world
+    var = dist_fn.all_reduce((x - mean.view(-1, *[1] * (x.dim() - 2))).pow(2).mean(dims)) / world
     return mean, var
 
 def standardize(f, eps=1e-5):
@@ -66,15 +63,13 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
         cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19, m = n/parts
         loss = inv_coef * inv + cov_coef / D * cov
 
-    No D x D matrix per part is kept. When a part has fewer rows than D (the usual case), with
-    P = p_vj:  ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
-    (||P^T P|| = ||P P^T||, <P^T P, W^T W> = ||P W^T||^2); the middle term summed over parts is
-    one n x D product. When m >= D that expansion would cancel badly near convergence and a
-    part's D x D matrix is no larger than the part itself: it is formed as written and recomputed
-    in backward (checkpoint) rather than stored.
-    stopgrad=True detaches the invariance targets (Table 3's STOPGRAD). shard_wtw=True (under
-    torch.distributed, m < D) computes only this rank's rows of W^T W for ||W^T W||^2, scaled by
-    the world size: the mean of loss over ranks, which DDP optimises, is unchanged.
+    No D x D matrix per part is kept. For parts of m < D rows, with P = p_vj (||P^T P|| = ||P P^T||):
+        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
+    and the middle term summed over parts is one n x D product. For m >= D that expansion would
+    cancel near convergence, and a part's D x D matrix is no larger than the part: it is formed as
+    written and recomputed in backward (checkpoint). stopgrad=True detaches the invariance targets
+    (Table 3). shard_wtw=True (torch.distributed, m < D): this rank computes only its rows of W^T W
+    for ||W^T W||^2, times the world size; the mean of loss over ranks (DDP's objective) is exact.
     Float32 (float64 inputs stay float64), even under autocast."""
     with torch.autocast(f1.device.type, enabled=False):
         dtype = torch.float64 if torch.float64 in (f1.dtype, f2.dtype, w.dtype) else torch.float32
@@ -117,19 +112,16 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and distributed()):
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        mean, var = batch_stats(xf, dims)
+        mean, var = batch_stats(xf, [0, *range(2, x.dim())])
         with torch.no_grad():
             n = x.numel() // x.shape[1] * dist.get_world_size()
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
             self.num_batches_tracked += 1
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        col = lambda v: v.view(-1, *[1] * (x.dim() - 2))          # per channel, broadcastable
+        y = (xf - col(mean)) / torch.sqrt(col(var) + self.eps)
+        return (y * col(self.weight) + col(self.bias) if self.affine else y).to(x.dtype)
 
 def sync_batchnorm(module, device):
     """Every BatchNorm synchronised across processes, as in the paper (sec. 5.1)."""
@@ -157,8 +149,7 @@ def build_backbone(arch, small_stem):
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
 def parse_proj(spec):
@@ -186,20 +177,17 @@ class Decorr(nn.Module):
         self.args = args
         self.backbone, dim = build_backbone(args.arch, args.img_size <= 64)
         dims = parse_proj(args.proj)
-        self.projector = build_projector(dim, dims)
-        D = dims[-1]
+        self.projector, D = build_projector(dim, dims), dims[-1]
         # The paper does not state the predictor's init. We keep nn.Linear's default (uniform in
         # +-1/sqrt(D)): an unstructured start from which appendix C's Fig. 3 shows W_p becoming
         # diagonal; an identity init would make that observation trivial.
         self.predictor = nn.Linear(D, D, bias=False)
         if args.identity_predictor:                      # Table 3: W fixed to I
-            self.predictor.weight.data.copy_(torch.eye(D))
-            self.predictor.weight.requires_grad_(False)
+            self.predictor.weight.requires_grad_(False).data.copy_(torch.eye(D))
 
     def forward(self, x1, x2):
         a = self.args
-        f1 = self.projector(self.backbone(x1))           # two passes: BN statistics per view
-        f2 = self.projector(self.backbone(x2))
+        f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))   # BN statistics per view
         if not a.no_std:
             f1, f2 = standardize(f1), standardize(f2)
         return decorr_loss(f1, f2, self.predictor.weight, a.parts_per_device, a.inv_coef,
@@ -246,7 +234,6 @@ def synthetic_images(n, seed, size=32):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 def load_image(path):
-    from PIL import Image
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
@@ -287,10 +274,8 @@ def load_data(data, root="data"):
 def augmentation(size, small, blur_p, solarize_p):
     """One view of the BYOL / Barlow Twins pipeline (values in NOTES.md); CIFAR variant (no
     blur) for small images."""
-    t = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0),
-                                            interpolation=v2.InterpolationMode.BICUBIC),
-         v2.RandomHorizontalFlip(),
-         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+    t = [v2.ToImage(), v2.RandomResizedCrop(size, (0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+         v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
          v2.RandomGrayscale(p=0.2)]
     if not small:
         t.append(v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p))
@@ -330,15 +315,12 @@ class LARS(torch.optim.Optimizer):
     (biases, BatchNorm) get neither weight decay nor the trust ratio."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      eta=eta, lars=True))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
+            for p in (p for p in g["params"] if p.grad is not None):
                 dp = p.grad
                 if g["lars"]:
                     dp = dp.add(p, alpha=g["weight_decay"])
@@ -552,14 +534,13 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if args.amp is None:
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        args.amp = "bf16" if bf16 else "none"
+    if args.amp is None:                                  # bf16 where the hardware has it
+        args.amp = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else
+                              getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) else "none"
     if args.workers is None:
         args.workers = max(0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    master = rank == 0
+    master, out = rank == 0, args.out
     say = print if master else (lambda *a, **k: None)
-    out = args.out
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
 
     # data (before anything is written, so that bad data costs nothing)
@@ -574,14 +555,12 @@ def main(argv=None):
     # resume or start
     ckpt = None
     if os.path.exists(ckpt_path):
-        if args.fresh:
+        if args.fresh and master:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            if master:
-                for path in (ckpt_path, log_path):
-                    if os.path.exists(path):
-                        os.replace(path, f"{path}.{stamp}")
-                say(f"--fresh: previous checkpoint and log moved aside (*.{stamp})")
-        else:
+            for path in filter(os.path.exists, (ckpt_path, log_path)):
+                os.replace(path, f"{path}.{stamp}")
+            say(f"--fresh: previous checkpoint and log moved aside (*.{stamp})")
+        elif not args.fresh:
             ckpt = load_checkpoint(ckpt_path)
             old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
             diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING
@@ -593,14 +572,11 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(args.seed)
 
     raw = Decorr(args)
-    if world > 1:
-        raw = sync_batchnorm(raw, device)
-    raw = raw.to(device)
+    raw = (sync_batchnorm(raw, device) if world > 1 else raw).to(device)
     raw.backbone.to(memory_format=torch.channels_last)
     opt = make_optimizer(raw, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -645,7 +621,7 @@ def main(argv=None):
     say(f"decorr | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, "
         f"{args.epochs} epochs | batch {args.batch_size} on {world} x {device.type} | "
         f"partitions {args.partitions} | amp {args.amp}{' compile' if args.compile else ''}")
-    t0, t_last, step0, s_last, saved, stopping = time.time(), time.time(), step, step, step, False
+    t0, t_last, step0, s_last, saved, stopping, warned = time.time(), time.time(), step, step, step, False, False
     while step < last and not stopping:
         epoch, offset = divmod(step, spe)
         sampler.set_epoch(epoch)
@@ -680,15 +656,16 @@ def main(argv=None):
                 now = time.time()
                 ips = (step - s_last) * args.batch_size / (now - t_last)
                 eta = (last - step) * (now - t0) / (step - step0)
-                row = dict(epoch=epoch, step=step, loss=loss_v, inv=inv_v, cov=cov_v, lr=lr, img_per_s=ips)
-                append_jsonl(log_path, row)
+                append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, inv=inv_v, cov=cov_v, lr=lr, img_per_s=ips))
                 say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} inv {inv_v:.4f} "
                     f"cov {cov_v:.4f} | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
                 t_last, s_last = now, step
             if master and (step % diag_every == 0 or step == last):
+                t_diag = time.time()
                 d = diagnostics(raw, probe, bank, num_classes)
-                append_jsonl(log_path, dict(epoch=epoch, step=step, **d))
-                warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else ""
+                append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
+                warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) and not warned else ""
+                warned = warned or bool(warn)
                 say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
                 png = torchvision.io.encode_png(wp_picture(raw.predictor.weight)).numpy().tobytes()
                 atomic_write(os.path.join(out, "wp.png"), lambda fh: fh.write(png))
@@ -700,12 +677,10 @@ def main(argv=None):
     if master and not stopping:
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
     if world > 1:                                           # every rank holds the same parameters
-        sums = torch.stack([p.detach().double().sum() for p in raw.parameters()])
-        hi, lo = sums.clone(), -sums                        # max and -min over ranks
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        dist.all_reduce(lo, dist.ReduceOp.MAX)
+        sums = [None] * world
+        dist.all_gather_object(sums, [p.detach().double().sum().item() for p in raw.parameters()])
         if master:
-            append_jsonl(log_path, dict(step=step, ranks_in_sync=torch.equal(hi, -lo)))
+            append_jsonl(log_path, dict(step=step, ranks_in_sync=all(s == sums[0] for s in sums)))
     say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else " (backbone.pt, wp.png)"))
     del model, raw, opt
     if world > 1:

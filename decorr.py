@@ -162,12 +162,9 @@ def build_projector(in_dim, dims):
     """MLP: Linear + BatchNorm + ReLU between layers, plain Linear last. No biases: each Linear is
     followed by a BatchNorm or by the standardization, which removes them."""
     layers = []
-    for i, d in enumerate(dims):
-        layers.append(nn.Linear(in_dim, d, bias=False))
-        if i < len(dims) - 1:
-            layers += [nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
-        in_dim = d
-    return nn.Sequential(*layers)
+    for d_in, d in zip([in_dim] + dims, dims):
+        layers += [nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers[:-2])
 
 class Decorr(nn.Module):
     """Backbone -> projector -> standardize -> predictor; forward(x1, x2) returns (loss, inv, cov)."""
@@ -178,12 +175,14 @@ class Decorr(nn.Module):
         self.backbone, dim = build_backbone(args.arch, args.img_size <= 64)
         dims = parse_proj(args.proj)
         self.projector, D = build_projector(dim, dims), dims[-1]
-        # The paper does not state the predictor's init. We keep nn.Linear's default (uniform in
-        # +-1/sqrt(D)): an unstructured start from which appendix C's Fig. 3 shows W_p becoming
-        # diagonal; an identity init would make that observation trivial.
+        # The paper does not state the predictor's init. Identity (the default): W^T W = I is the
+        # fixed point the loss aims at for decorrelated standardized features, and the covariance
+        # term starts at full strength; from nn.Linear's random init (--predictor-init random, as
+        # for appendix C's Fig. 3) W first shrinks, and with it the decorrelating force.
         self.predictor = nn.Linear(D, D, bias=False)
-        if args.identity_predictor:                      # Table 3: W fixed to I
-            self.predictor.weight.requires_grad_(False).data.copy_(torch.eye(D))
+        if args.identity_predictor or args.predictor_init == "identity":
+            self.predictor.weight.data.copy_(torch.eye(D))
+        self.predictor.weight.requires_grad_(not args.identity_predictor)   # Table 3: W fixed to I
 
     def forward(self, x1, x2):
         a = self.args
@@ -472,7 +471,7 @@ PROFILES = dict(
     synthetic=dict(arch="resnet18", img_size=32, epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
 )
 RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "partitions", "seed", "no_std",
-                "identity_predictor", "stopgrad", "inv_coef", "cov_coef", "lr", "wd", "lars_eta")
+                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "lr", "wd", "lars_eta")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -499,6 +498,7 @@ def parse_args(argv=None):
     a("--no-std", action="store_true", help="Table 3: no standardization")
     a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
     a("--stopgrad", action="store_true", help="Table 3: StopGrad on the invariance targets")
+    a("--predictor-init", choices=("identity", "random"), default="identity", help="W at step 0")
     a("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 where supported")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--workers", type=int, default=None, help="data loader processes per device")

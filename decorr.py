@@ -339,9 +339,8 @@ def make_optimizer(model, args):
 
 def learning_rate(step, total, warmup, base):
     """Linear warmup, then cosine decay to 0, per step."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return (base * (step + 1) / warmup if step < warmup else
+            base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 # ----------------------------------------------------------------------------- 6. diagnostics
 
@@ -381,23 +380,24 @@ def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
 
 def fixed_batch(ds, n, size, small, device):
     """n images spread over ds, without augmentation, and their labels: the diagnostics' batch."""
-    evaluate = eval_transform(size, small)
-    items = [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
+    evaluate, items = eval_transform(size, small), [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
     return torch.stack([evaluate(x) for x, _ in items]).to(device), torch.tensor([y for _, y in items])
 
 @torch.no_grad()
-def diagnostics(model, probe, bank, num_classes):
-    """The mechanism, measured on a fixed held-out batch without augmentation, in eval mode."""
+def diagnostics(model, probe, bank, num_classes, amp=None):
+    """The mechanism, measured on a fixed held-out batch without augmentation, in eval mode; the
+    forward passes under autocast(amp), the measures in float32."""
     was_training = model.training
     model.eval()
     (xq, yq), (xb, yb) = probe, bank
-    h = model.backbone(xq).float()
-    z = model.projector(h).float()
+    with torch.autocast(xq.device.type, dtype=amp, enabled=amp is not None):
+        h, hb = model.backbone(xq).float(), model.backbone(xb).float()
+        z = model.projector(h).float()
     out = dict(corr_dist=corr_dist(h), wp_offdiag=wp_offdiag(model.predictor.weight),
                eff_rank_proj=eff_rank(centred_unit(z)), eff_rank_backbone=eff_rank(h),
                feat_std=z.std(0).mean().item())
     if num_classes:
-        pred = knn_predict(model.backbone(xb).float(), yb, h, num_classes)
+        pred = knn_predict(hb, yb, h, num_classes)
         out["knn_top1"] = 100.0 * (pred.cpu() == yq).float().mean().item()
     model.train(was_training)
     return out
@@ -466,9 +466,9 @@ def set_rng_state(s):
 # Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1),
 # a CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
 PROFILES = dict(
-    folder=dict(arch="resnet50", img_size=224, epochs=100, batch_size=2048, wd=1e-6, lars_eta=0.001),
-    cifar=dict(arch="resnet18", img_size=32, epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
-    synthetic=dict(arch="resnet18", img_size=32, epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
+    folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6, lars_eta=0.001),
+    cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
+    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
 )
 RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "partitions", "seed", "no_std",
                 "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "lr", "wd", "lars_eta")
@@ -484,7 +484,7 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
     a("--arch", default=None, help=f"{' | '.join(ARCHS)} (default: resnet50 for folders, else resnet18)")
     a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
-    a("--proj", default="2048-2048-2048", help="projector widths; the last is D")
+    a("--proj", default=None, help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)")
     a("--epochs", type=int, default=None)
     a("--batch-size", type=int, default=None, help="global batch, over all processes")
     a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
@@ -550,7 +550,7 @@ def main(argv=None):
         raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
     if master:                                   # the diagnostics' images, read before writing
         probe = fixed_batch(val, 256, args.img_size, small, device)
-        bank = fixed_batch(train, 512, args.img_size, small, device)
+        bank = fixed_batch(train, 384, args.img_size, small, device)
 
     # resume or start
     ckpt = None
@@ -662,7 +662,7 @@ def main(argv=None):
                 t_last, s_last = now, step
             if master and (step % diag_every == 0 or step == last):
                 t_diag = time.time()
-                d = diagnostics(raw, probe, bank, num_classes)
+                d = diagnostics(raw, probe, bank, num_classes, amp)
                 append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
                 warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) and not warned else ""
                 warned = warned or bool(warn)

@@ -140,6 +140,16 @@ def test_bad_input(case, tmp_path):
     assert not out.exists()                                  # nothing written for bad input
 
 
+def test_partitions_not_a_multiple_of_world_size(tmp_path):
+    # as torchrun would set it for 2 processes: the check comes before any process group starts
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    out = tmp_path / "out"
+    p = run(SMALL + ["--steps", "1", "--partitions", "3", "--batch-size", "30", "--out", out], timeout=120, env=env)
+    line = assert_one_error_line(p)
+    assert "--partitions 3 is not a multiple of the world size 2" in line, line
+    assert not out.exists()
+
+
 def test_garbage_checkpoint_is_kept(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -42,12 +42,10 @@ import torch
 import torch.nn as nn
 
 import decorr
+from decorr import Parser, UsageError
 
 GiB, MiB = 2**30, 2**20
 
-
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit 2."""
 
 # ----------------------------------------------------------------------------- the reference
 
@@ -631,11 +629,6 @@ def cmd_train(a, device, log):
 
 # ----------------------------------------------------------------------------- command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def int_list(name):
     def parse(s):
         try:
@@ -776,7 +769,7 @@ def cli(argv=None):
     """main() with bad input as one line on stderr and exit code 2."""
     try:
         return main(argv)
-    except (UsageError, decorr.UsageError) as e:
+    except UsageError as e:
         msg = str(e).strip().splitlines()
         print(f"bench.py: error: {msg[-1] if msg else 'bad input'}", file=sys.stderr)
         return 2

@@ -26,15 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from decorr import (ARCHS, MEAN, PROFILES, STD, UsageError, append_jsonl, build_backbone,
+from decorr import (ARCHS, MEAN, PROFILES, STD, Parser, UsageError, append_jsonl, build_backbone,
                     eval_transform, knn_predict, load_data)
 
 FAST_MAX_BYTES = 4 << 30          # --mode fast by default (one process) when the train features fit
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def parse_args(argv=None):

@@ -267,12 +267,12 @@ def bound_products(n, D, parts):
     """The matrix products decorr_loss cannot avoid, forward and backward, as
     (name, count, op, operand shapes): p = f W^T and q = p W^T for both views (forward, and the
     backward products G W and G^T x), the per-part Gram P P^T (forward, and its two backward
-    products), W^T W (forward, and its two backward products)."""
+    products), W^T W (forward, and one backward product: decorr.GramSquare's 4 W (W^T W))."""
     m = n // parts
     return [
         ("f W^T, p W^T, their grad-input G W", 8, "mm", (n, D), (D, D)),
         ("grad-weight G^T f, G^T p", 4, "mm", (D, n), (n, D)),
-        ("W^T W and its 2 backward", 3, "mm", (D, D), (D, D)),
+        ("W^T W and its backward W (W^T W)", 2, "mm", (D, D), (D, D)),
         ("Gram P P^T", 2, "bmm", (parts, m, D), (parts, D, m)),
         ("Gram backward G P", 2, "bmm", (parts, m, m), (parts, m, D)),
         ("Gram backward P^T G", 2, "bmm", (parts, D, m), (parts, m, m)),

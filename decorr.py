@@ -11,7 +11,7 @@ CPU processes  3. the model  4. data and augmentation  5. LARS  6. diagnostics  
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
-import argparse, datetime, json, math, os, random, signal, sys, time
+import argparse, datetime, json, math, os, random, signal, sys, time, warnings
 
 import numpy as np
 from PIL import Image
@@ -34,9 +34,8 @@ def distributed():
 # ----------------------------------------------------------------------------- 1. the method
 
 def batch_stats(x, dims):
-    """Mean and biased variance over `dims`, over the global batch when torch.distributed is
-    initialised (all ranks hold equal batches). The all_reduce is autograd-aware: its backward
-    sums the gradients of every rank, which is exact under DDP's gradient averaging."""
+    """Mean and biased variance over `dims` of the global batch (equal batches on all ranks). The
+    all_reduce is autograd-aware: its backward sums all ranks' gradients, exact under DDP's mean."""
     if not distributed():
         return x.mean(dims), x.var(dims, correction=0)
     world = dist.get_world_size()
@@ -55,6 +54,21 @@ def part_cov(p, wtw):
     """||p^T p / m - W^T W||_F^2 for one part p (m x D) of the predictions, eq. 19 as written."""
     return (p.T @ p / p.shape[0] - wtw).pow(2).sum()
 
+class GramSquare(torch.autograd.Function):
+    """scale * ||W[:, lo:hi]^T W||_F^2 with the symmetric backward 4 scale W[:, lo:hi] (W[:, lo:hi]^T W):
+    for lo:hi = all, d||W^T W||^2/dW = 4 W (W^T W), one D^3 product where autograd spends two.
+    With this rank's rows and scale = world size, the mean of the gradients over ranks is exact."""
+    @staticmethod
+    def forward(ctx, w, lo, hi, scale):
+        b = w[:, lo:hi].T @ w
+        ctx.save_for_backward(w, b)
+        ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
+        return scale * b.pow(2).sum()
+    @staticmethod
+    def backward(ctx, grad):
+        w, b = ctx.saved_tensors
+        return 4 * ctx.scale * grad * (w[:, ctx.lo:ctx.hi] @ b), None, None, None
+
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, shard_wtw=False):
     """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D)
     of this device and the predictor weight w (D x D), p = f @ w.T.
@@ -67,9 +81,8 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
         ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
     and the middle term summed over parts is one n x D product. For m >= D that expansion would
     cancel near convergence, and a part's D x D matrix is no larger than the part: it is formed as
-    written and recomputed in backward (checkpoint). stopgrad=True detaches the invariance targets
-    (Table 3). shard_wtw=True (torch.distributed, m < D): this rank computes only its rows of W^T W
-    for ||W^T W||^2, times the world size; the mean of loss over ranks (DDP's objective) is exact.
+    written and recomputed in backward (checkpoint). stopgrad=True: Table 3's StopGrad on the targets.
+    shard_wtw=True (torch.distributed, m < D): each rank forms its rows of W^T W only (GramSquare).
     Float32 (float64 inputs stay float64), even under autocast."""
     with torch.autocast(f1.device.type, enabled=False):
         dtype = torch.float64 if torch.float64 in (f1.dtype, f2.dtype, w.dtype) else torch.float32
@@ -86,12 +99,8 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
             cov = sum(torch.utils.checkpoint.checkpoint(part_cov, pj, wtw, use_reentrant=False)
                       for p in (p1, p2) for pj in p.split(m)) / parts
         else:
-            if shard_wtw and distributed():
-                rank, world = dist.get_rank(), dist.get_world_size()
-                rows = slice(rank * D // world, (rank + 1) * D // world)
-                cov = 2 * world * (w[:, rows].T @ w).pow(2).sum()
-            else:
-                cov = 2 * (w.T @ w).pow(2).sum()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if shard_wtw and distributed() else (0, 1)
+            cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
                 pp = p.view(parts, m, D)
                 gram = torch.bmm(pp, pp.transpose(1, 2))                   # parts x m x m
@@ -102,8 +111,7 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, 
 # ----------------------------------------------------------------------------- 2. SyncBatchNorm on CPU
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics are over all ranks (torch's SyncBatchNorm refuses CPU
-    tensors). Same statistics as standardize(), plus affine and running stats."""
+    """BatchNorm with statistics over all ranks, as standardize() (SyncBatchNorm refuses CPU tensors)."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -175,10 +183,8 @@ class Decorr(nn.Module):
         self.backbone, dim = build_backbone(args.arch, args.img_size <= 64)
         dims = parse_proj(args.proj)
         self.projector, D = build_projector(dim, dims), dims[-1]
-        # The paper does not state the predictor's init. Identity (the default): W^T W = I is the
-        # fixed point the loss aims at for decorrelated standardized features, and the covariance
-        # term starts at full strength; from nn.Linear's random init (--predictor-init random, as
-        # for appendix C's Fig. 3) W first shrinks, and with it the decorrelating force.
+        # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point for
+        # decorrelated features; from nn.Linear's random init (appendix C, Fig. 3) W first shrinks.
         self.predictor = nn.Linear(D, D, bias=False)
         if args.identity_predictor or args.predictor_init == "identity":
             self.predictor.weight.data.copy_(torch.eye(D))
@@ -198,18 +204,16 @@ SYNTH_TRAIN, SYNTH_VAL = 5000, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def synthetic_images(n, seed, size=32):
-    """10 classes of textures (stripes of three orientations, two checkerboards, rings, dots,
-    spokes, grids, blobs) with a random scale, phase, centre, pair of colours and noise: the
-    class lives in the shape, which survives crops, flips and colour jitter; the colours, which
-    a random network sees first, carry nothing. uint8 (n, 3, size, size) and labels."""
+    """10 classes of textures (stripes, checkerboards, rings, dots, spokes, grids, blobs), random
+    scale, phase, centre, colours and noise: the class lives in the shape, which survives the
+    augmentations; the colours, which a random network sees first, carry nothing. uint8, labels."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.rand(*s, generator=g)
     y = torch.randperm(n, generator=g) % 10
     t = torch.linspace(0, 1, size)
     yy, xx = [c.expand(n, size, size) for c in torch.meshgrid(t, t, indexing="ij")]
     k = lambda lo, hi: (lo + (hi - lo) * rnd(n, 1, 1)) * 2 * math.pi     # random frequency
-    phase = rnd(n, 1, 1) * 2 * math.pi
-    cx, cy = rnd(n, 1, 1), rnd(n, 1, 1)
+    phase, cx, cy = rnd(n, 1, 1) * 2 * math.pi, rnd(n, 1, 1), rnd(n, 1, 1)
     r, theta = torch.hypot(xx - cx, yy - cy), torch.atan2(yy - cy, xx - cx)
     diag = torch.where(rnd(n, 1, 1) < 0.5, xx + yy, xx - yy) / math.sqrt(2)
     f = k(2.5, 6)
@@ -258,12 +262,10 @@ def load_data(data, root="data"):
         return sets[0], sets[1], len(sets[0].tensors[1].unique()), True
     if not os.path.isdir(data):
         raise UsageError(f"--data {data!r}: no such directory (or use synthetic, cifar10, cifar100)")
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data, split)):
-            raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: "
-                             f"{split}/<class>/<image>)")
     splits = []
-    for path in (os.path.join(data, "train"), os.path.join(data, "val")):
+    for split in ("train", "val"):
+        if not os.path.isdir(path := os.path.join(data, split)):
+            raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: {split}/<class>/<image>)")
         try:
             splits.append(torchvision.datasets.ImageFolder(path, loader=load_image))
         except (FileNotFoundError, RuntimeError) as e:
@@ -271,8 +273,7 @@ def load_data(data, root="data"):
     return splits[0], splits[1], len(splits[0].classes), False
 
 def augmentation(size, small, blur_p, solarize_p):
-    """One view of the BYOL / Barlow Twins pipeline (values in NOTES.md); CIFAR variant (no
-    blur) for small images."""
+    """One view of the BYOL / Barlow Twins pipeline (NOTES.md); no blur for small images (CIFAR)."""
     t = [v2.ToImage(), v2.RandomResizedCrop(size, (0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
          v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
          v2.RandomGrayscale(p=0.2)]
@@ -284,9 +285,7 @@ def augmentation(size, small, blur_p, solarize_p):
 
 def eval_transform(size, small):
     """No augmentation: Resize(size * 256/224) + CenterCrop(size) for large images."""
-    t = [v2.ToImage()]
-    if not small:
-        t += [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
+    t = [v2.ToImage()] + ([] if small else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
     return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 class TwoViews(torch.utils.data.Dataset):
@@ -356,8 +355,7 @@ def corr_dist(h):
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
 
 def wp_offdiag(w):
-    """Share of W_p's energy off the diagonal once each row is divided by its diagonal entry
-    (appendix C, Fig. 3b): 0 for a diagonal matrix."""
+    """W_p's energy off the diagonal, rows divided by their diagonal entry (Fig. 3b); 0 if diagonal."""
     wn = w.float() / w.float().diagonal().unsqueeze(1)
     return (1 - wn.shape[0] / wn.pow(2).sum()).item()
 
@@ -442,7 +440,9 @@ def read_jsonl(path):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                     # garbage can look like a pickle header
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
                          f"(truncated or not a decorr checkpoint? use --fresh to start over)") from None
@@ -582,9 +582,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        for obj, key in ((raw, "model"), (opt, "optimizer"), (scaler, "scaler")):
+            obj.load_state_dict(ckpt[key])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank])

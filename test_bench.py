@@ -123,7 +123,7 @@ def test_loss_tiny(tmp_path):
     for r in doc["results"][:2]:
         ours = r["decorr_loss"]
         assert r["bound_s"] == ours["bound_s"] > 0 and r["ours_over_bound"] == ours["over_bound"] > 0
-        assert "W^T W and its 2 backward" in {b["product"] for b in ours["bound_products"]}
+        assert "W^T W and its backward W (W^T W)" in {b["product"] for b in ours["bound_products"]}
         assert len(ours["bound_times"]) == len(ours["times"])
         for method in ("decorr_loss", "algorithm1"):
             x = r[method]

@@ -198,6 +198,29 @@ def test_lemma_3_2_in_decorr_loss_stopgrad():
 
 
 # ----------------------------------------------------------------------------- 3. standardize == BatchNorm1d
+def test_gram_square_symmetric_backward_and_shards():
+    """GramSquare's one-product backward 4 W (W^T W) equals autograd's gradient of ||W^T W||^2;
+    with uneven row shards and scale = number of shards, the values and gradients averaged over
+    the shards equal the whole (what DDP's mean over ranks sees)."""
+    g = torch.Generator().manual_seed(3)
+    D, k = 40, 3
+    w = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
+    full = (w.T @ w).pow(2).sum()
+    (full_grad,) = torch.autograd.grad(full, w)
+    val = decorr.GramSquare.apply(w, 0, D, 1)
+    (grad,) = torch.autograd.grad(2.5 * val, w)
+    assert torch.allclose(val, full, rtol=1e-12) and torch.allclose(grad, 2.5 * full_grad, rtol=1e-12)
+    vals, grads = [], []
+    for r in range(k):
+        v = decorr.GramSquare.apply(w, r * D // k, (r + 1) * D // k, k)
+        vals.append(v.detach())
+        grads.append(torch.autograd.grad(v, w)[0])
+    assert len({(r + 1) * D // k - r * D // k for r in range(k)}) == 2      # the shards are uneven
+    assert torch.allclose(sum(vals) / k, full.detach(), rtol=1e-12)
+    assert torch.allclose(sum(grads) / k, full_grad, rtol=1e-12)
+    assert not torch.allclose(grads[0], grads[1])          # each rank contributes its own part
+
+
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["f64", "f32"])

@@ -262,10 +262,11 @@ def load_data(data, root="data"):
         return sets[0], sets[1], len(sets[0].tensors[1].unique()), True
     if not os.path.isdir(data):
         raise UsageError(f"--data {data!r}: no such directory (or use synthetic, cifar10, cifar100)")
-    splits = []
-    for split in ("train", "val"):
-        if not os.path.isdir(path := os.path.join(data, split)):
+    for split in ("train", "val"):                       # both checked before any folder is scanned
+        if not os.path.isdir(os.path.join(data, split)):
             raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: {split}/<class>/<image>)")
+    splits = []
+    for path in (os.path.join(data, "train"), os.path.join(data, "val")):
         try:
             splits.append(torchvision.datasets.ImageFolder(path, loader=load_image))
         except (FileNotFoundError, RuntimeError) as e:

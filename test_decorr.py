@@ -197,7 +197,6 @@ def test_lemma_3_2_in_decorr_loss_stopgrad():
     assert_rel(gf1, 2 / (n * D) * (W.T @ W @ F1 - W.T @ F2).T, 1e-5, "dL/dF1")  # target f1 detached
 
 
-# ----------------------------------------------------------------------------- 3. standardize == BatchNorm1d
 def test_gram_square_symmetric_backward_and_shards():
     """GramSquare's one-product backward 4 W (W^T W) equals autograd's gradient of ||W^T W||^2;
     with uneven row shards and scale = number of shards, the values and gradients averaged over
@@ -221,6 +220,7 @@ def test_gram_square_symmetric_backward_and_shards():
     assert not torch.allclose(grads[0], grads[1])          # each rank contributes its own part
 
 
+# ----------------------------------------------------------------------------- 3. standardize == BatchNorm1d
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["f64", "f32"])

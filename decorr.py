@@ -1,26 +1,25 @@
 """
 decorr.py -- self-supervised pre-training with the decorrelation loss of
 Liu, Suganuma, Okatani, "Bridging the Gap from Asymmetry Tricks to Decorrelation
-Principles in Non-contrastive Self-supervised Learning", NeurIPS 2022.
+Principles in Non-contrastive Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg
+in the same harness as baselines (--loss).
 
     backbone -> projector -> standardize (SyncBN, affine=False) -> linear predictor W
     loss = C_inv * ||W F1 - F2||^2 + C_cov / D * sum_parts ||W^T W - W C_part W^T||^2   (eq. 17, 19)
 
-Read top to bottom: 1. the method: standardize(), decorr_loss()  2. BatchNorm synchronised across
-CPU processes  3. the model  4. data and augmentation  5. LARS  6. diagnostics  7. files  8. training.
+Read top to bottom: 1. the method: standardize(), decorr_loss(), the baselines  2. BatchNorm
+synchronised across CPU processes  3. the model  4. data and augmentation  5. LARS
+6. diagnostics  7. files  8. training.
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
-import argparse, datetime, json, math, os, random, signal, sys, time, warnings
+import argparse, datetime, json, math, os, signal, sys, time, warnings
 
-import numpy as np
 from PIL import Image
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 import torchvision
 from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
@@ -31,28 +30,62 @@ class UsageError(Exception):
 def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
 # ----------------------------------------------------------------------------- 1. the method
 
+def all_sum(x, group=None):
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+class AllReduce(torch.autograd.Function):
+    """Sum over the ranks of `group`. Every rank's loss depends on the sum, so the backward is the
+    same sum of the gradients: with DDP's mean over ranks, exactly one process's gradients."""
+    @staticmethod
+    def forward(ctx, x, group=None):
+        ctx.group = group
+        return all_sum(x, group)
+    @staticmethod
+    def backward(ctx, grad):
+        return all_sum(grad, ctx.group), None
+
+class AllGather(torch.autograd.Function):
+    """The rows of every rank of `group`, in rank order; backward: this rank's rows of the
+    gradient summed over the ranks (reduce-scatter)."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, size = group, dist.get_world_size(group)
+        out = x.new_empty(size * x.shape[0], *x.shape[1:])
+        dist.all_gather_single(out, x.contiguous(), group=group)
+        return out
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:])
+        dist.reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+def global_sum(x):
+    return AllReduce.apply(x, None) if distributed() else x
+
 def batch_stats(x, dims):
-    """Mean and biased variance over `dims` of the global batch (equal batches on all ranks). The
-    all_reduce is autograd-aware: its backward sums all ranks' gradients, exact under DDP's mean."""
-    if not distributed():
-        return x.mean(dims), x.var(dims, correction=0)
-    world = dist.get_world_size()
-    mean = dist_fn.all_reduce(x.mean(dims)) / world
-    var = dist_fn.all_reduce((x - mean.view(-1, *[1] * (x.dim() - 2))).pow(2).mean(dims)) / world
-    return mean, var
+    """Mean and biased variance over `dims` of the global batch (equal batches on all ranks)."""
+    world = rank_world()[1]
+    mean = global_sum(x.mean(dims)) / world
+    return mean, global_sum((x - mean.view(-1, *[1] * (x.dim() - 2))).pow(2).mean(dims)) / world
+
+def working_precision(*ts):
+    """The tensors in float32, or all in float64 if one is: the losses' precision under autocast."""
+    dtype = torch.float64 if torch.float64 in [t.dtype for t in ts] else torch.float32
+    return [t.to(dtype) for t in ts]
 
 def standardize(f, eps=1e-5):
     """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33.
     Exactly BatchNorm1d(affine=False) in training mode (biased variance); float32 or float64."""
-    f = f if f.dtype == torch.float64 else f.float()
+    (f,) = working_precision(f)
     mean, var = batch_stats(f, (0,))
     return (f - mean) / torch.sqrt(var + eps)
-
-def part_cov(p, wtw):
-    """||p^T p / m - W^T W||_F^2 for one part p (m x D) of the predictions, eq. 19 as written."""
-    return (p.T @ p / p.shape[0] - wtw).pow(2).sum()
 
 class GramSquare(torch.autograd.Function):
     """scale * ||W[:, lo:hi]^T W||_F^2 with the symmetric backward 4 scale W[:, lo:hi] (W[:, lo:hi]^T W):
@@ -69,44 +102,98 @@ class GramSquare(torch.autograd.Function):
         w, b = ctx.saved_tensors
         return 4 * ctx.scale * grad * (w[:, ctx.lo:ctx.hi] @ b), None, None, None
 
-def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False, shard_wtw=False):
-    """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D)
-    of this device and the predictor weight w (D x D), p = f @ w.T.
+_GROUPS = {}
+def part_group(g, world):
+    """The process group of this rank's block of g consecutive ranks (made once, by all ranks)."""
+    if g not in _GROUPS:
+        _GROUPS[g] = None if g == world else dist.new_subgroups(g)[0]
+    return _GROUPS[g]
+
+def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
+    """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D,
+    this rank's rows) and the predictor weight w (D x D), p = f @ w.T.
 
         inv = mean((p1 - f2)^2) + mean((p2 - f1)^2)                               eq. 17
-        cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19, m = n/parts
+        cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19
         loss = inv_coef * inv + cov_coef / D * cov
 
-    No D x D matrix per part is kept. For parts of m < D rows, with P = p_vj (||P^T P|| = ||P P^T||):
+    `parts` = k splits the global batch of B rows into parts of m = B/k rows. Under
+    torch.distributed rank r holds rows [r n, (r+1) n): a rank may hold several parts (k > world)
+    or a part span several ranks (k < world; its rows are gathered with autograd). The value is
+    this rank's share: the mean over ranks, which DDP's gradient average optimises, is exactly
+    the single-process loss with the same k, whatever the number of processes.
+
+    No D x D matrix per part is formed when m < D. With P = p_vj (||P^T P|| = ||P P^T||):
         ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
-    and the middle term summed over parts is one n x D product. For m >= D that expansion would
-    cancel near convergence, and a part's D x D matrix is no larger than the part: it is formed as
-    written and recomputed in backward (checkpoint). stopgrad=True: Table 3's StopGrad on the targets.
-    shard_wtw=True (torch.distributed, m < D): each rank forms its rows of W^T W only (GramSquare).
+    and the middle term summed over parts is one n x D product; each rank forms its rows of the
+    m x m Gram matrix and its rows of W^T W (GramSquare). For m >= D that expansion would cancel
+    near convergence, and a part's D x D matrix is no larger than the part: it is formed as
+    written (summed over the part's ranks). stopgrad=True: Table 3's StopGrad on the targets.
     Float32 (float64 inputs stay float64), even under autocast."""
     with torch.autocast(f1.device.type, enabled=False):
-        dtype = torch.float64 if torch.float64 in (f1.dtype, f2.dtype, w.dtype) else torch.float32
-        f1, f2, w = f1.to(dtype), f2.to(dtype), w.to(dtype)
-        n, D = f1.shape
-        if n % parts:
-            raise UsageError(f"{n} rows per device do not split into {parts} equal partitions")
-        m = n // parts
+        f1, f2, w = working_precision(f1, f2, w)
+        (n, D), (rank, world) = f1.shape, rank_world()
+        if n * world % parts:
+            raise UsageError(f"a batch of {n * world} rows does not split into {parts} equal partitions")
+        m = n * world // parts
+        g = math.lcm(n, m) // n               # ranks per group: the fewest that hold whole parts
+        group, lo = part_group(g, world) if g > 1 else None, rank % g * n   # lo: first row in it
         p1, p2 = f1 @ w.T, f2 @ w.T
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
+        cov = 0.0
         if m >= D:
             wtw = w.T @ w
-            cov = sum(torch.utils.checkpoint.checkpoint(part_cov, pj, wtw, use_reentrant=False)
-                      for p in (p1, p2) for pj in p.split(m)) / parts
+            for p in (p1, p2):
+                for j in range(g * n // m):                            # the group's parts
+                    a, b = max(lo, j * m) - lo, min(lo + n, (j + 1) * m) - lo  # rows of j here
+                    c = p[a:b].T @ p[a:b]
+                    c = AllReduce.apply(c, group) if g > 1 else c
+                    cov = cov + (c / m - wtw).pow(2).sum() * world / (parts * g)
         else:
-            rank, world = (dist.get_rank(), dist.get_world_size()) if shard_wtw and distributed() else (0, 1)
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
-                pp = p.view(parts, m, D)
-                gram = torch.bmm(pp, pp.transpose(1, 2))                   # parts x m x m
-                cov = cov + gram.pow(2).sum() / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
+                if g == 1:                                              # whole parts here
+                    pp = p.view(n // m, m, D)
+                    gram = torch.bmm(pp, pp.transpose(1, 2)).pow(2).sum()
+                else:                                                   # my rows of their Gram
+                    q = AllGather.apply(p, group)
+                    gram = sum((p[max(lo, j * m) - lo:min(lo + n, (j + 1) * m) - lo] @ q[j * m:(j + 1) * m].T)
+                               .pow(2).sum() for j in range(lo // m, (lo + n - 1) // m + 1))
+                cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
+
+def barlow_twins_loss(z1, z2, lambd=0.0051):
+    """Barlow Twins (Zbontar et al., ICML 2021), the official main.py's formulas; returns
+    (loss, on_diag, off_diag). c = BN(z1)^T BN(z2) / N over the global batch of N, BN = standardize:
+        loss = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2
+    c is summed over ranks with AllReduce: the official raw all_reduce makes the gradients
+    world-size times too small; here they are exactly one process's."""
+    with torch.autocast(z1.device.type, enabled=False):
+        c = global_sum(standardize(z1).T @ standardize(z2)) / (z1.shape[0] * rank_world()[1])
+        on_diag = (1 - c.diagonal()).pow(2).sum()
+        off_diag = c.pow(2).sum() - c.diagonal().pow(2).sum()
+    return on_diag + lambd * off_diag, on_diag, off_diag
+
+def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
+    """VICReg (Bardes, Ponce, LeCun, ICLR 2022), the official main_vicreg.py's formulas; returns
+    (loss, inv, var, cov), with C_v the covariance of view v over the global batch of N (/ (N - 1)):
+        inv = mean((z1 - z2)^2)
+        var = sum_v mean_i relu(1 - sqrt(C_v,ii + 1e-4)) / 2
+        cov = sum_v sum_{i != j} C_v,ij^2 / D
+        loss = sim_coef * inv + std_coef * var + cov_coef * cov
+    C_v is summed over ranks with AllReduce (gradients exactly one process's)."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = working_precision(z1, z2)
+        (n, D), N = z1.shape, z1.shape[0] * rank_world()[1]
+        inv, var, cov = (z1 - z2).pow(2).mean(), 0.0, 0.0
+        for z in (z1, z2):
+            z = z - batch_stats(z, (0,))[0]
+            c = global_sum(z.T @ z) / (N - 1)
+            var = var + F.relu(1 - torch.sqrt(c.diagonal() + 1e-4)).mean() / 2
+            cov = cov + (c.pow(2).sum() - c.diagonal().pow(2).sum()) / D
+    return sim_coef * inv + std_coef * var + cov_coef * cov, inv, var, cov
 
 # ----------------------------------------------------------------------------- 2. SyncBatchNorm on CPU
 
@@ -174,8 +261,10 @@ def build_projector(in_dim, dims):
         layers += [nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers[:-2])
 
-class Decorr(nn.Module):
-    """Backbone -> projector -> standardize -> predictor; forward(x1, x2) returns (loss, inv, cov)."""
+class Model(nn.Module):
+    """Backbone -> projector -> the loss of --loss; forward(x1, x2) returns (loss, *terms). For
+    decorr the projector's output is standardized and mapped by the predictor W; the baselines
+    have no predictor (and so DDP no unused parameter)."""
 
     def __init__(self, args):
         super().__init__()
@@ -183,20 +272,25 @@ class Decorr(nn.Module):
         self.backbone, dim = build_backbone(args.arch, args.img_size <= 64)
         dims = parse_proj(args.proj)
         self.projector, D = build_projector(dim, dims), dims[-1]
-        # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point for
-        # decorrelated features; from nn.Linear's random init (appendix C, Fig. 3) W first shrinks.
-        self.predictor = nn.Linear(D, D, bias=False)
-        if args.identity_predictor or args.predictor_init == "identity":
-            self.predictor.weight.data.copy_(torch.eye(D))
-        self.predictor.weight.requires_grad_(not args.identity_predictor)   # Table 3: W fixed to I
+        self.predictor = None
+        if args.loss == "decorr":
+            # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point
+            # for decorrelated features; from nn.Linear's random init (appendix C, Fig. 3) W first shrinks.
+            self.predictor = nn.Linear(D, D, bias=False)
+            if args.identity_predictor or args.predictor_init == "identity":
+                self.predictor.weight.data.copy_(torch.eye(D))
+            self.predictor.weight.requires_grad_(not args.identity_predictor)   # Table 3: W fixed to I
 
     def forward(self, x1, x2):
         a = self.args
         f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))   # BN statistics per view
+        if a.loss == "barlowtwins":
+            return barlow_twins_loss(f1, f2, a.cov_coef)
+        if a.loss == "vicreg":
+            return vicreg_loss(f1, f2, a.inv_coef, a.std_coef, a.cov_coef)
         if not a.no_std:
             f1, f2 = standardize(f1), standardize(f2)
-        return decorr_loss(f1, f2, self.predictor.weight, a.parts_per_device, a.inv_coef,
-                           a.cov_coef, a.stopgrad, shard_wtw=True)
+        return decorr_loss(f1, f2, self.predictor.weight, a.partitions, a.inv_coef, a.cov_coef, a.stopgrad)
 
 # ----------------------------------------------------------------------------- 4. data
 
@@ -236,23 +330,53 @@ def synthetic_images(n, seed, size=32):
     img = c1 * (1 + u) / 2 + c2 * (1 - u) / 2 + 0.08 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
-def load_image(path):
+def read_image(path):
+    """The image at path as RGB, or None if it cannot be decoded."""
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
-    except Exception as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
+    except Exception:
+        return None
+
+class Folder(torch.utils.data.Dataset):
+    """An image folder (root/<class>/<image>) of (PIL image, label). An image that cannot be read is
+    replaced by the next one that can (the same one every time); read() also names the skipped."""
+
+    def __init__(self, root):
+        try:
+            scan = torchvision.datasets.ImageFolder(root, loader=str)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UsageError(f"--data {root!r}: {str(e).splitlines()[0]}") from None
+        self.root, self.samples, self.classes = root, scan.samples, scan.classes
+        self.read(0)                                     # at least one image must be readable
+
+    def __len__(self):
+        return len(self.samples)
+
+    def read(self, i):
+        bad = []
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            img = read_image(path)
+            if img is not None:
+                return img, label, bad
+            bad.append(path)
+        raise UsageError(f"--data {self.root!r}: none of its {len(self.samples)} images can be read")
+
+    def __getitem__(self, i):
+        return self.read(i)[:2]
 
 def load_data(data, root="data"):
     """Returns (train, val, num_classes, small): datasets of (image, label). `data` is
-    'synthetic', 'cifar10', 'cifar100' (torchvision, under root, never downloaded) or the path
-    of an ImageFolder tree in ImageNet layout (data/train/<class>/..., data/val/<class>/...)."""
+    'synthetic', 'cifar10', 'cifar100' (torchvision, under root, never downloaded; uint8 tensors in
+    memory, like the synthetic data) or the path of an image folder tree in ImageNet layout
+    (data/train/<class>/..., data/val/<class>/...)."""
     if data == "synthetic":
         return (TensorDataset(*synthetic_images(SYNTH_TRAIN, 0)),
                 TensorDataset(*synthetic_images(SYNTH_VAL, 1)), 10, True)
     if data in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
-        try:
+        try:                                             # torchvision checks the files' MD5 first
             sets = [cls(root, train=t, download=False) for t in (True, False)]
         except RuntimeError:
             raise UsageError(f"{data} not found under --data-root {root!r}; download it there "
@@ -265,47 +389,164 @@ def load_data(data, root="data"):
     for split in ("train", "val"):                       # both checked before any folder is scanned
         if not os.path.isdir(os.path.join(data, split)):
             raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: {split}/<class>/<image>)")
-    splits = []
-    for path in (os.path.join(data, "train"), os.path.join(data, "val")):
-        try:
-            splits.append(torchvision.datasets.ImageFolder(path, loader=load_image))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UsageError(f"--data {path!r}: {str(e).splitlines()[0]}") from None
-    return splits[0], splits[1], len(splits[0].classes), False
+    train, val = Folder(os.path.join(data, "train")), Folder(os.path.join(data, "val"))
+    return train, val, len(train.classes), False
 
-def augmentation(size, small, blur_p, solarize_p):
-    """One view of the BYOL / Barlow Twins pipeline (NOTES.md); no blur for small images (CIFAR)."""
-    t = [v2.ToImage(), v2.RandomResizedCrop(size, (0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
-         v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-         v2.RandomGrayscale(p=0.2)]
-    if not small:
-        t.append(v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p))
-    t += [v2.RandomSolarize(128, p=solarize_p), v2.ToDtype(torch.float32, scale=True),
-          v2.Normalize(MEAN, STD)]
-    return v2.Compose(t)
+# Augmentation: the BYOL / Barlow Twins pipeline (NOTES.md) on batches, each image with its own
+# parameters, decided by NU uniform numbers per view (columns below). They are drawn per global
+# batch from a generator seeded by (seed, epoch, batch), so through the epoch's order they are a
+# function of (seed, epoch, image index): not of the rank, the number of processes or a resume.
+#   0-9 crop area, 10-19 crop log-ratio (ten tries), 20-21 crop position, 22 flip,
+#   23 jitter on, 24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale,
+#   33 blur on, 34 blur sigma, 35 solarize on
+NU, VIEWS = 36, ((1.0, 0.0), (0.1, 0.2))   # (blur p, solarize p) of view 1 and view 2
+
+def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's sampler, torchvision's rule: ten tries of an area in scale x H W and a
+    log-uniform aspect ratio, the first that fits; else the whole image cut to the nearest allowed
+    ratio, centred. u: n x NU uniforms; H, W: sizes (numbers or n-vectors). Returns n x 4 (top,
+    left, height, width), float64."""
+    H, W = (torch.as_tensor(s, dtype=torch.float64).expand(len(u)) for s in (H, W))
+    area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 10:20])
+    w, h = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    first = fits.byte().argmax(1, keepdim=True)
+    whole = fits.any(1)
+    tall, wide = W / H < ratio[0], W / H > ratio[1]
+    w = torch.where(whole, w.gather(1, first)[:, 0], torch.where(wide, (H * ratio[1]).round(), W))
+    h = torch.where(whole, h.gather(1, first)[:, 0], torch.where(tall, (W / ratio[0]).round(), H))
+    top = torch.where(whole, (u[:, 20] * (H - h + 1)).floor(), ((H - h) / 2).floor())
+    left = torch.where(whole, (u[:, 21] * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    return torch.stack([top, left, h, w], 1)
+
+def resized_crops(x, u, size):
+    """RandomResizedCrop(size) + horizontal flip of a batch x (n x C x H x W, float) as one
+    resampling: bilinear, as v2.functional.resized_crop(BILINEAR) on each image (torchvision's
+    pipeline is bicubic) and without antialiasing (a crop is never larger than `size` here)."""
+    n, _, H, W = x.shape
+    box = crop_boxes(u, H, W).to(x.device)
+    t = (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
+    def coords(start, length, extent):   # sample positions in the crop, clamped to it, normalised
+        s = (t * length[:, None] - 0.5).clamp_min(0).minimum(length[:, None] - 1)
+        return (2 * (start[:, None] + s) + 1) / extent - 1
+    ys, xs = coords(box[:, 0], box[:, 2], H), coords(box[:, 1], box[:, 3], W)
+    xs = torch.where((u[:, 22] < 0.5).to(x.device)[:, None], xs.flip(1), xs)   # flip p 0.5
+    grid = torch.stack([xs[:, None, :].expand(n, size, size), ys[:, :, None].expand(n, size, size)], 3)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+def gray(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])   # ITU-R 601-2, as torchvision
+
+def blend(x, ref, f):
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * ref).clamp(0, 1)
+
+def hue_shift(x, shift):
+    """Hue turned by `shift` (a fraction of the circle) in HSV space, as torchvision's adjust_hue."""
+    v, lo = x.amax(1), x.amin(1)
+    c = v - lo
+    r, g, b = x.unbind(1)
+    cs = torch.where(c > 0, c, 1)
+    h = torch.where(v == r, (g - b) / cs, torch.where(v == g, 2 + (b - r) / cs, 4 + (r - g) / cs))
+    h = (h / 6 + shift.view(-1, 1, 1)) % 1
+    s = c / torch.where(v > 0, v, 1)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6
+    return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+JITTER = (lambda x, f: blend(x, 0, f),                                        # brightness
+          lambda x, f: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f),    # contrast
+          lambda x, f: blend(x, gray(x), f),                                  # saturation
+          hue_shift)                                                          # hue
+
+def gaussian_blur(x, sigma, k=23):
+    """Per-image sigma, a k x k kernel, reflect padding: torchvision's GaussianBlur, separably."""
+    n, C, H, W = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    ker = torch.exp(-0.5 * (t / sigma.to(x).view(-1, 1)).pow(2))
+    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)
+    y = F.pad(x.reshape(1, n * C, H, W), [k // 2] * 4, mode="reflect")
+    y = F.conv2d(F.conv2d(y, ker.view(-1, 1, 1, k), groups=n * C), ker.view(-1, 1, k, 1), groups=n * C)
+    return y.view(n, C, H, W)
+
+def colour(x, u, blur_p, solarize_p, small):
+    """The rest of a view after the crop, on a batch x (n x 3 x S x S floats in [0, 1], any device;
+    u on the CPU): ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 with its four ops in a random order per
+    image (torchvision's semantics), grayscale p 0.2, Gaussian blur (not for small images),
+    solarize, normalisation. Unlike torchvision on uint8 images, nothing is rounded between ops."""
+    dev, on = x.device, u[:, 23] < 0.8
+    f = torch.stack([0.6 + 0.8 * u[:, 24], 0.6 + 0.8 * u[:, 25], 0.8 + 0.4 * u[:, 26], 0.2 * u[:, 27] - 0.1], 1)
+    order, f, x = u[:, 28:32].argsort(1), f.to(dev, x.dtype), x.clone()
+    for turn in range(4):                  # each op runs on the images whose turn it is, only on them
+        for op, fn in enumerate(JITTER):
+            i = torch.nonzero(on & (order[:, turn] == op))[:, 0].to(dev)
+            if len(i):
+                x[i] = fn(x[i], f[i, op])
+    x = torch.where((u[:, 32] < 0.2).to(dev).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+    i = torch.nonzero(u[:, 33] < blur_p)[:, 0]
+    if len(i) and not small:
+        x[i.to(dev)] = gaussian_blur(x[i.to(dev)], 0.1 + 1.9 * u[i, 34])
+    x = torch.where((u[:, 35] < solarize_p).to(dev).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    mean, std = (torch.tensor(v, device=dev, dtype=x.dtype).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x - mean) / std
 
 def eval_transform(size, small):
     """No augmentation: Resize(size * 256/224) + CenterCrop(size) for large images."""
     t = [v2.ToImage()] + ([] if small else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
     return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
-class TwoViews(torch.utils.data.Dataset):
-    """Two asymmetric views per image, each drawn with its own random parameters (per sample, not
-    per batch). The draw is seeded by (seed, epoch, index), so a resumed run sees the same views."""
+class FolderCrops(torch.utils.data.Dataset):
+    """For a key (index, the uniforms of both views): the image decoded, and its two views cropped
+    and flipped in the loader's workers, as torchvision does (bicubic, antialiased), uint8; and the
+    paths of unreadable images it replaced, joined by newlines."""
 
-    def __init__(self, base, size, small, seed):
-        self.base, self.seed, self.epoch = base, seed, 0
-        self.aug1 = augmentation(size, small, blur_p=1.0, solarize_p=0.0)
-        self.aug2 = augmentation(size, small, blur_p=0.1, solarize_p=0.2)
+    def __init__(self, folder, size):
+        self.folder, self.size = folder, size
 
-    def __len__(self):
-        return len(self.base)
+    def __getitem__(self, key):
+        i, u = key
+        img, _, bad = self.folder.read(i)
+        x = v2.functional.pil_to_tensor(img)
+        views = []
+        for uv in torch.tensor(u, dtype=torch.float64):
+            top, left, h, w = crop_boxes(uv[None], *x.shape[1:])[0].long().tolist()
+            y = v2.functional.resized_crop(x, top, left, h, w, [self.size] * 2, v2.InterpolationMode.BICUBIC)
+            views.append(y.flip(-1) if uv[22] < 0.5 else y)
+        return views[0], views[1], "\n".join(bad)
 
-    def __getitem__(self, i):
-        x, _ = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 100_003 + self.epoch) * 10_000_019 + i)
-            return self.aug1(x), self.aug2(x)
+def batches(train, small, args, device, first, last):
+    """Yields (x1, x2, unreadable image paths) for steps first+1..last: on rank r, rows
+    [r n, (r+1) n) of each global batch of B images, both views, on the device. The epoch's order
+    comes from (seed, epoch), each image's views from (seed, epoch, batch); in-memory data is
+    indexed and augmented on the device, folders are decoded and cropped in the loader's workers."""
+    (rank, world), B = rank_world(), args.batch_size
+    n, spe = B // world, len(train) // B
+
+    def plan():                       # (this rank's image indices, their uniforms) per step
+        epoch = None
+        for step in range(first, last):
+            if step // spe != epoch:
+                epoch = step // spe
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+            b, rows = step % spe, slice(rank * n, (rank + 1) * n)
+            g = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_000_033 + b)
+            yield order[b * B:(b + 1) * B][rows], torch.rand(B, 2, NU, generator=g, dtype=torch.float64)[rows]
+
+    def finish(crops, u):             # crops of both views on the device, floats in [0, 1]
+        return [colour(c, u[:, v], *VIEWS[v], small).contiguous(memory_format=torch.channels_last)
+                for v, c in enumerate(crops)]
+    if isinstance(train, TensorDataset):
+        images = train.tensors[0].to(device)
+        for idx, u in plan():
+            x = images[idx.to(device)].float() / 255
+            yield *finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u), []
+        return
+    keys = ([(i, uu) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
+    loader = torch.utils.data.DataLoader(FolderCrops(train, args.img_size), batch_sampler=keys, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    for (idx, u), (c1, c2, bad) in zip(plan(), loader):
+        crops = [c.to(device, non_blocking=True).float() / 255 for c in (c1, c2)]
+        yield *finish(crops, u), [p for b in bad for p in b.split("\n") if p]
 
 # ----------------------------------------------------------------------------- 5. optimisation
 
@@ -392,9 +633,10 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
     with torch.autocast(xq.device.type, dtype=amp, enabled=amp is not None):
         h, hb = model.backbone(xq).float(), model.backbone(xb).float()
         z = model.projector(h).float()
-    out = dict(corr_dist=corr_dist(h), wp_offdiag=wp_offdiag(model.predictor.weight),
-               eff_rank_proj=eff_rank(centred_unit(z)), eff_rank_backbone=eff_rank(h),
+    out = dict(corr_dist=corr_dist(h), eff_rank_proj=eff_rank(centred_unit(z)), eff_rank_backbone=eff_rank(h),
                feat_std=z.std(0).mean().item())
+    if model.predictor is not None:                      # decorr only
+        out["wp_offdiag"] = wp_offdiag(model.predictor.weight)
     if num_classes:
         pred = knn_predict(hb, yb, h, num_classes)
         out["knn_top1"] = 100.0 * (pred.cpu() == yq).float().mean().item()
@@ -448,20 +690,6 @@ def load_checkpoint(path):
         raise UsageError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
                          f"(truncated or not a decorr checkpoint? use --fresh to start over)") from None
 
-def rng_state():
-    """Every random generator of this process, in a form torch.load(weights_only=True) accepts."""
-    kind, keys, *rest = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), python=random.getstate(),
-                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), *rest],
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
 # ----------------------------------------------------------------------------- 8. training
 
 # Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1),
@@ -471,8 +699,13 @@ PROFILES = dict(
     cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
     synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
 )
-RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "partitions", "seed", "no_std",
-                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "lr", "wd", "lars_eta")
+# Each loss's coefficients (the official ones for the baselines) and the terms it logs.
+LOSSES = dict(decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
+              barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
+              vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")))
+RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "loss", "partitions", "seed", "no_std",
+                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "std_coef", "lr",
+                "wd", "lars_eta")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -481,7 +714,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | PATH (ImageFolder: PATH/train, PATH/val)")
+    a("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)")
     a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
     a("--arch", default=None, help=f"{' | '.join(ARCHS)} (default: resnet50 for folders, else resnet18)")
     a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
@@ -493,16 +726,20 @@ def parse_args(argv=None):
     a("--lars-eta", type=float, default=None, help="LARS trust coefficient (default: 0.001 for "
       "folders as in the paper; 0.02 for small data, as solo-learn's CIFAR recipes)")
     a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
-    a("--partitions", type=int, default=1, help="k: parts of the global batch (Table 5 #PARTITION)")
-    a("--inv-coef", type=float, default=1.0, help="C_inv (Table 5 INV COEF)")
-    a("--cov-coef", type=float, default=1.0, help="C_cov (Table 5 COV COEF)")
+    a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
+    a("--partitions", type=int, default=None, help="k: parts of the global batch (Table 5 #PARTITION; "
+      "default: the number of processes, as Algorithm 1)")
+    a("--inv-coef", type=float, default=None, help="C_inv (Table 5 INV COEF; default 1); vicreg: sim coef (25)")
+    a("--cov-coef", type=float, default=None, help="C_cov (Table 5 COV COEF; default 1); vicreg: cov coef (1); "
+      "barlowtwins: lambda (0.0051)")
+    a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
     a("--no-std", action="store_true", help="Table 3: no standardization")
     a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
     a("--stopgrad", action="store_true", help="Table 3: StopGrad on the invariance targets")
     a("--predictor-init", choices=("identity", "random"), default="identity", help="W at step 0")
     a("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 where supported")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--workers", type=int, default=None, help="data loader processes per device")
+    a("--workers", type=int, default=None, help="image-folder loader processes per device")
     a("--seed", type=int, default=0)
     a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
@@ -511,24 +748,23 @@ def parse_args(argv=None):
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
     args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
     profile = PROFILES["synthetic" if args.data == "synthetic" else
                        "cifar" if args.data in ("cifar10", "cifar100") else "folder"]
-    for k, v in profile.items():
+    for k, v in dict(profile, partitions=world, **LOSSES[args.loss][0]).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    world = int(os.environ.get("WORLD_SIZE", 1))
     parse_proj(args.proj)
     if args.arch not in ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
     for k in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
         if getattr(args, k) <= 0:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if args.partitions % world:
-        raise UsageError(f"--partitions {args.partitions} is not a multiple of the world size {world}")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.batch_size % args.partitions:
         raise UsageError(f"--batch-size {args.batch_size} does not split into --partitions "
                          f"{args.partitions} equal parts")
-    args.parts_per_device = args.partitions // world
     return args
 
 def main(argv=None):
@@ -573,10 +809,9 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    for seed in (torch.manual_seed, random.seed, np.random.seed):
-        seed(args.seed)
+    torch.manual_seed(args.seed)                  # the initial weights (the only random draw left)
 
-    raw = Decorr(args)
+    raw = Model(args)
     raw = (sync_batchnorm(raw, device) if world > 1 else raw).to(device)
     raw.backbone.to(memory_format=torch.channels_last)
     opt = make_optimizer(raw, args)
@@ -586,8 +821,6 @@ def main(argv=None):
         for obj, key in ((raw, "model"), (opt, "optimizer"), (scaler, "scaler")):
             obj.load_state_dict(ckpt[key])
         step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
         say(f"resumed from {ckpt_path} at step {step}")
         del ckpt
     model = torch.compile(raw) if args.compile else raw
@@ -599,81 +832,78 @@ def main(argv=None):
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def save_checkpoint():
-        states = [rng_state()] * world
-        if world > 1:
-            dist.all_gather_object(states, states[0])
         if master:
             state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), rng=states)
+                         scaler=scaler.state_dict())
             atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
 
     stop = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):          # preemption (SLURM sends SIGUSR1 first)
         signal.signal(sig, lambda s, f: stop.append(s))
 
-    views = TwoViews(train, args.img_size, small, args.seed)
-    sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    total, local_b = args.epochs * spe, args.batch_size // world
+    total, terms = args.epochs * spe, LOSSES[args.loss][1]
     warmup = min(args.warmup_epochs * spe, total // 10)
     last = min(total, args.steps) if args.steps else total
     amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
     diag_every = args.diag_every or spe
-    say(f"decorr | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, "
-        f"{args.epochs} epochs | batch {args.batch_size} on {world} x {device.type} | "
-        f"partitions {args.partitions} | amp {args.amp}{' compile' if args.compile else ''}")
+    k = (f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
+         if args.loss == "decorr" else "")
+    say(f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, "
+        f"{args.epochs} epochs | batch {args.batch_size} on {world} x {device.type}{k} | "
+        f"amp {args.amp}{' compile' if args.compile else ''}")
     t0, t_last, step0, s_last, saved, stopping, warned = time.time(), time.time(), step, step, step, False, False
-    while step < last and not stopping:
-        epoch, offset = divmod(step, spe)
-        sampler.set_epoch(epoch)
-        views.epoch = epoch
-        idx = list(sampler)
-        batches = [idx[i * local_b:(i + 1) * local_b] for i in range(offset, spe)]
-        loader = torch.utils.data.DataLoader(views, batch_sampler=batches, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-        for x1, x2 in loader:
-            x1, x2 = [x.to(device, non_blocking=True, memory_format=torch.channels_last) for x in (x1, x2)]
-            lr = learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, inv, cov = model(x1, x2)
-            stats = torch.stack([loss.detach(), inv.detach(), cov.detach(),
-                                 torch.tensor(float(bool(stop)), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats[:3] /= world
-            loss_v, inv_v, cov_v, stop_v = stats.tolist()
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"non-finite loss ({loss_v}) at step {step + 1}; the last good "
-                                         f"checkpoint is {ckpt_path} (step {saved}), left untouched")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            stopping = stop_v > 0                             # the same decision on every rank
-            if master and (step % args.log_every == 0 or step == last or stopping):
-                now = time.time()
-                ips = (step - s_last) * args.batch_size / (now - t_last)
-                eta = (last - step) * (now - t0) / (step - step0)
-                append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, inv=inv_v, cov=cov_v, lr=lr, img_per_s=ips))
-                say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} inv {inv_v:.4f} "
-                    f"cov {cov_v:.4f} | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
-                t_last, s_last = now, step
-            if master and (step % diag_every == 0 or step == last):
-                t_diag = time.time()
-                d = diagnostics(raw, probe, bank, num_classes, amp)
-                append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
-                warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) and not warned else ""
-                warned = warned or bool(warn)
-                say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
-                png = torchvision.io.encode_png(wp_picture(raw.predictor.weight)).numpy().tobytes()
-                atomic_write(os.path.join(out, "wp.png"), lambda fh: fh.write(png))
-            if step == last or stopping or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
-                save_checkpoint()
-                saved = step
-            if step == last or stopping:
-                break
+    bad_images, reported = 0, set()
+    for x1, x2, bad in batches(train, small, args, device, step, last):
+        epoch = step // spe
+        for path in sorted(set(bad) - reported):
+            print(f"decorr.py: cannot read image {path}: replaced by the next readable one "
+                  f"(every time; counted in log.jsonl as bad_images)", flush=True)
+        reported.update(bad)
+        lr = learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss, *term_values = model(x1, x2)
+        stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
+                             torch.tensor(float(len(bad)), device=device), torch.tensor(float(bool(stop)), device=device)])
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[:-2] /= world
+        loss_v, *values, bad_v, stop_v = stats.tolist()
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"non-finite loss ({loss_v}) at step {step + 1}; the last good "
+                                     f"checkpoint is {ckpt_path} (step {saved}), left untouched")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step, bad_images = step + 1, bad_images + int(bad_v)
+        stopping = stop_v > 0                             # the same decision on every rank
+        if master and (step % args.log_every == 0 or step == last or stopping):
+            now = time.time()
+            ips = (step - s_last) * args.batch_size / (now - t_last)
+            eta = (last - step) * (now - t0) / (step - step0)
+            append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, **dict(zip(terms, values)), lr=lr,
+                                        img_per_s=ips, bad_images=bad_images))
+            say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in zip(terms, values))
+                + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
+            t_last, s_last = now, step
+        if master and (step % diag_every == 0 or step == last):
+            t_diag = time.time()
+            d = diagnostics(raw, probe, bank, num_classes, amp)
+            append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
+            warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) and not warned else ""
+            warned = warned or bool(warn)
+            say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
+            if raw.predictor is not None:
+                pic = Image.fromarray(wp_picture(raw.predictor.weight).permute(1, 2, 0).numpy())
+                atomic_write(os.path.join(out, "wp.png"), lambda fh: pic.save(fh, format="PNG"))
+        if step == last or stopping or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
+            save_checkpoint()
+            saved = step
+        if step == last or stopping:
+            break
     if master and not stopping:
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
     if world > 1:                                           # every rank holds the same parameters
@@ -681,7 +911,8 @@ def main(argv=None):
         dist.all_gather_object(sums, [p.detach().double().sum().item() for p in raw.parameters()])
         if master:
             append_jsonl(log_path, dict(step=step, ranks_in_sync=all(s == sums[0] for s in sums)))
-    say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else " (backbone.pt, wp.png)"))
+    files = "backbone.pt" + (", wp.png" if raw.predictor is not None else "")
+    say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else f" ({files})"))
     del model, raw, opt
     if world > 1:
         dist.barrier()

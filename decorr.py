@@ -138,6 +138,7 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         m = n * world // parts
         g = math.lcm(n, m) // n               # ranks per group: the fewest that hold whole parts
         group, lo = part_group(g, world) if g > 1 else None, rank % g * n   # lo: first row in it
+        mine = lambda j: slice(min(max(j * m - lo, 0), n), min(max((j + 1) * m - lo, 0), n))  # rows of part j
         p1, p2 = f1 @ w.T, f2 @ w.T
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
@@ -146,8 +147,7 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
             wtw = w.T @ w
             for p in (p1, p2):
                 for j in range(g * n // m):                            # the group's parts
-                    a, b = max(lo, j * m) - lo, min(lo + n, (j + 1) * m) - lo  # rows of j here
-                    c = p[a:b].T @ p[a:b]
+                    c = p[mine(j)].T @ p[mine(j)]
                     c = AllReduce.apply(c, group) if g > 1 else c
                     cov = cov + (c / m - wtw).pow(2).sum() * world / (parts * g)
         else:
@@ -158,8 +158,8 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
                     gram = torch.bmm(pp, pp.transpose(1, 2)).pow(2).sum()
                 else:                                                   # my rows of their Gram
                     q = AllGather.apply(p, group)
-                    gram = sum((p[max(lo, j * m) - lo:min(lo + n, (j + 1) * m) - lo] @ q[j * m:(j + 1) * m].T)
-                               .pow(2).sum() for j in range(lo // m, (lo + n - 1) // m + 1))
+                    gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum()
+                               for j in range(lo // m, (lo + n - 1) // m + 1))
                 cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
@@ -330,17 +330,9 @@ def synthetic_images(n, seed, size=32):
     img = c1 * (1 + u) / 2 + c2 * (1 - u) / 2 + 0.08 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
-def read_image(path):
-    """The image at path as RGB, or None if it cannot be decoded."""
-    try:
-        with open(path, "rb") as fh:
-            return Image.open(fh).convert("RGB")
-    except Exception:
-        return None
-
 class Folder(torch.utils.data.Dataset):
-    """An image folder (root/<class>/<image>) of (PIL image, label). An image that cannot be read is
-    replaced by the next one that can (the same one every time); read() also names the skipped."""
+    """Image folders (root/<class>/<image>) of (PIL image, label). An image that cannot be decoded
+    is replaced by the next one that can, the same every time; read(i) also names those skipped."""
 
     def __init__(self, root):
         try:
@@ -355,13 +347,13 @@ class Folder(torch.utils.data.Dataset):
 
     def read(self, i):
         bad = []
-        for k in range(len(self.samples)):
-            path, label = self.samples[(i + k) % len(self.samples)]
-            img = read_image(path)
-            if img is not None:
-                return img, label, bad
-            bad.append(path)
-        raise UsageError(f"--data {self.root!r}: none of its {len(self.samples)} images can be read")
+        for path, label in (self.samples[(i + k) % len(self)] for k in range(len(self))):
+            try:
+                with open(path, "rb") as fh:
+                    return Image.open(fh).convert("RGB"), label, bad
+            except Exception:
+                bad.append(path)
+        raise UsageError(f"--data {self.root!r}: none of its {len(self)} images can be read")
 
     def __getitem__(self, i):
         return self.read(i)[:2]
@@ -755,8 +747,6 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     parse_proj(args.proj)
-    if args.arch not in ARCHS:
-        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
     for k in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
         if getattr(args, k) <= 0:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 
 import decorr
 
@@ -161,6 +162,78 @@ def test_decorr_loss_rejects_unequal_parts():
     f = torch.zeros(10, 4)
     with pytest.raises(decorr.UsageError):
         decorr.decorr_loss(f, f, torch.eye(4), parts=3)
+
+
+# ----------------------------------------------------------------------------- 1b. the baselines
+
+
+def off_diagonal_entries(c):
+    return c[~torch.eye(c.shape[0], dtype=torch.bool)]
+
+
+def official_barlow_twins(z1, z2, lambd):
+    """Transcription of Barlow Twins' main.py (BarlowTwins.forward after the projector), one process:
+    BatchNorm1d(affine=False) in training mode, c = bn(z1)^T bn(z2) / batch size."""
+    bn = nn.BatchNorm1d(z1.shape[1], affine=False, dtype=z1.dtype).train()
+    c = bn(z1).T @ bn(z2) / z1.shape[0]
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = off_diagonal_entries(c).pow(2).sum()
+    return on_diag + lambd * off_diag, on_diag, off_diag
+
+
+def official_vicreg(x, y, sim_coeff, std_coeff, cov_coeff):
+    """Transcription of VICReg's main_vicreg.py (VICReg.forward after the projector), one process."""
+    batch_size, num_features = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
+    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (batch_size - 1)
+    cov_y = (y.T @ y) / (batch_size - 1)
+    cov_loss = (off_diagonal_entries(cov_x).pow(2).sum() / num_features
+                + off_diagonal_entries(cov_y).pow(2).sum() / num_features)
+    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+    return loss, repr_loss, std_loss, cov_loss
+
+
+@pytest.mark.parametrize("name,ours,ref,coefs", [
+    ("barlowtwins", decorr.barlow_twins_loss, official_barlow_twins, (0.0051,)),
+    ("barlowtwins-lambda", decorr.barlow_twins_loss, official_barlow_twins, (0.3,)),
+    ("vicreg", decorr.vicreg_loss, official_vicreg, (25.0, 25.0, 1.0)),
+    ("vicreg-coefs", decorr.vicreg_loss, official_vicreg, (5.0, 2.0, 3.0)),
+])
+def test_baseline_matches_official(name, ours, ref, coefs):
+    """Values (loss and each term) and gradients, float64, to 1e-9; the features are scaled so that
+    some of VICReg's hinge terms are active and some not."""
+    g = torch.Generator().manual_seed(21)
+    n, D = 40, 12
+    z1 = raw_features(n, D, g) * torch.linspace(0.2, 2.0, D, dtype=torch.float64)
+    z2 = z1 + 0.5 * raw_features(n, D, g)
+    outs = []
+    for fn in (ours, ref):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        vals = fn(a, b, *coefs)
+        outs.append((vals, torch.autograd.grad(vals[0], (a, b))))
+    (vo, go), (vr, gr) = outs
+    assert len(vo) == len(vr)
+    for i, (a, e) in enumerate(zip(vo, vr)):
+        assert a.dtype == torch.float64
+        assert_rel(a, e, 1e-9, f"{name} term {i}")
+    for a, e, what in zip(go, gr, ("dL/dz1", "dL/dz2")):
+        assert_rel(a, e, 1e-9, f"{name} {what}")
+
+
+def test_baselines_float32_under_autocast():
+    g = torch.Generator().manual_seed(22)
+    z1, z2 = raw_features(32, 8, g, torch.float32), raw_features(32, 8, g, torch.float32)
+    for fn in (decorr.barlow_twins_loss, decorr.vicreg_loss):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(z1.bfloat16(), z2.bfloat16())
+        assert all(t.dtype == torch.float32 for t in out)
+        for a, e in zip(out, fn(z1.bfloat16().float(), z2.bfloat16().float())):
+            assert_rel(a, e, 1e-5, fn.__name__)
 
 
 # ----------------------------------------------------------------------------- 2. Lemma 3.2
@@ -327,77 +400,86 @@ def _finish_group():
     dist.destroy_process_group()
 
 
-def _dist_decorr_worker(rank, world, tmp):
+def _dist_loss_worker(rank, world, tmp):
+    """Rank r standardizes its rows [r n, (r+1) n) of the global batch (synchronised) and computes
+    each case's loss on them; saves values and gradients."""
     _init_group(rank, world, tmp)
     try:
         data = torch.load(os.path.join(tmp, "inputs.pt"))
-        x1, x2, w = data["x1"], data["x2"], data["w"]
-        n = x1.shape[0]
-        rows = slice(rank * n // world, (rank + 1) * n // world)
         results = []
-        for parts, inv_coef, cov_coef, stopgrad in data["cases"]:
-            a = x1[rows].clone().requires_grad_()
-            b = x2[rows].clone().requires_grad_()
-            wl = w.clone().requires_grad_()
-            f1, f2 = decorr.standardize(a), decorr.standardize(b)
-            loss, inv, cov = decorr.decorr_loss(f1, f2, wl, parts=parts, inv_coef=inv_coef, cov_coef=cov_coef,
-                                                stopgrad=stopgrad, shard_wtw=True)
-            loss.backward()
-            results.append(dict(loss=loss.detach(), inv=inv.detach(), cov=cov.detach(), gw=wl.grad,
-                                g1=a.grad, g2=b.grad, f1=f1.detach()))
-        torch.save(results, os.path.join(tmp, f"out{rank}.pt"))
+        for case in data["cases"][world]:
+            x1, x2, w = data["x1"][:, :case["D"]], data["x2"][:, :case["D"]], data["w"][:case["D"], :case["D"]]
+            n = x1.shape[0]
+            rows = slice(rank * n // world, (rank + 1) * n // world)
+            a, b, wl = (t.clone().requires_grad_() for t in (x1[rows], x2[rows], w))
+            out = one_loss(case, a, b, wl)
+            out[0].backward()
+            results.append(dict(values=[v.detach() for v in out], gw=wl.grad, g1=a.grad, g2=b.grad))
+        torch.save(results, os.path.join(tmp, f"out{world}_{rank}.pt"))
     finally:
         _finish_group()
 
 
-DIST_CASES = [  # parts per process, inv_coef, cov_coef, stopgrad
-    (1, 1.0, 1.0, False),
-    (2, 25.0, 8.0, False),
-    (2, 1.0, 1.0, True),
-]
+def one_loss(case, a, b, w):
+    """The case's loss of raw features a, b (and W for decorr): (loss, *terms)."""
+    if case["loss"] == "barlowtwins":
+        return decorr.barlow_twins_loss(a, b, case["cov"])
+    if case["loss"] == "vicreg":
+        return decorr.vicreg_loss(a, b, case["inv"], 25.0, case["cov"])
+    f1, f2 = decorr.standardize(a), decorr.standardize(b)
+    return decorr.decorr_loss(f1, f2, w, parts=case["k"], inv_coef=case["inv"], cov_coef=case["cov"],
+                              stopgrad=case.get("sg", False))
+
+
+N_DIST = 48                         # global rows: 24, 16, 12 per rank on 2, 3, 4 processes
+DIST_CASES = {  # world -> cases; k < world: a part spans ranks; k = 3 on 2 or 4: parts straddle ranks
+    world: [dict(loss="decorr", D=D, k=k, inv=inv, cov=cov, sg=sg)
+            for D in (13, 40)       # D = 13: parts of m >= D rows (D x D form) but k = 4, 8; 40: Gram form
+            for k, inv, cov, sg in ks]
+    + [dict(loss="barlowtwins", D=13, cov=0.0051), dict(loss="vicreg", D=13, inv=25.0, cov=1.0)]
+    for world, ks in {2: [(1, 1.0, 1.0, False), (2, 25.0, 8.0, False), (3, 1.0, 2.0, False), (4, 1.0, 1.0, True)],
+                      3: [(1, 1.0, 1.0, False), (2, 10.0, 1.0, False), (6, 1.0, 1.0, False)],
+                      4: [(1, 1.0, 1.0, True), (2, 25.0, 1.0, False), (3, 1.0, 1.0, False), (8, 1.0, 1.0, False)]}.items()}
 
 
 @pytest.fixture(scope="module")
-def dist_decorr(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("dist_decorr"))
+def dist_losses(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("dist_losses"))
     g = torch.Generator().manual_seed(9)
-    n, D, world = 32, 13, 2                            # D odd: the W^T W shards are uneven
-    data = dict(x1=raw_features(n, D, g), x2=raw_features(n, D, g),
-                w=torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D), cases=DIST_CASES)
+    data = dict(x1=raw_features(N_DIST, 40, g), x2=raw_features(N_DIST, 40, g),
+                w=torch.randn(40, 40, generator=g, dtype=torch.float64) / math.sqrt(40), cases=DIST_CASES)
     torch.save(data, os.path.join(tmp, "inputs.pt"))
-    mp.spawn(_dist_decorr_worker, args=(world, tmp), nprocs=world, join=True)
-    return data, [torch.load(os.path.join(tmp, f"out{r}.pt")) for r in range(world)], world
+    for world in DIST_CASES:
+        if os.path.exists(os.path.join(tmp, "store")):
+            os.remove(os.path.join(tmp, "store"))
+        mp.spawn(_dist_loss_worker, args=(world, tmp), nprocs=world, join=True)
+    return data, {w: [torch.load(os.path.join(tmp, f"out{w}_{r}.pt")) for r in range(w)] for w in DIST_CASES}
 
 
-@pytest.mark.parametrize("case", range(len(DIST_CASES)),
-                         ids=[f"parts_local{c[0]}-inv{c[1]:g}-cov{c[2]:g}-sg{int(c[3])}" for c in DIST_CASES])
-def test_distributed_decorr_equals_single_process(dist_decorr, case):
-    """2 processes, each with half of the global batch, standardize (synchronised) +
-    decorr_loss(parts=k, shard_wtw=True), vs one process on the whole batch with 2k parts.
-    DDP averages parameter gradients, so the optimised loss is the mean over ranks; the
-    synchronised standardization's backward sums over ranks, so rank r's feature gradient is
-    world x the single-process gradient of its rows."""
-    data, outs, world = dist_decorr
-    parts, inv_coef, cov_coef, stopgrad = DIST_CASES[case]
-    x1 = data["x1"].clone().requires_grad_()
-    x2 = data["x2"].clone().requires_grad_()
-    w = data["w"].clone().requires_grad_()
-    f1, f2 = decorr.standardize(x1), decorr.standardize(x2)
-    loss, inv, cov = decorr.decorr_loss(f1, f2, w, parts=world * parts, inv_coef=inv_coef,
-                                        cov_coef=cov_coef, stopgrad=stopgrad)
-    loss.backward()
-    res = [o[case] for o in outs]
-    tol = 1e-9 if loss.dtype == torch.float64 else 1e-5
-    n = x1.shape[0]
-    # standardization uses the global statistics
-    assert_rel(torch.cat([r["f1"] for r in res]), f1, tol, "standardize over the global batch")
-    for name, single in (("loss", loss), ("inv", inv), ("cov", cov)):
-        assert_rel(torch.stack([r[name] for r in res]).mean(), single, tol, f"mean over ranks of {name}")
-    assert_rel(torch.stack([r["gw"] for r in res]).mean(0), w.grad, tol, "mean over ranks of W.grad")
+@pytest.mark.parametrize("world,case", [(w, i) for w, cs in DIST_CASES.items() for i in range(len(cs))],
+                         ids=[f"world{w}-{c['loss']}-D{c['D']}" + (f"-k{c['k']}-sg{int(c['sg'])}" if "k" in c else "")
+                              for w, cs in DIST_CASES.items() for c in cs])
+def test_distributed_equals_single_process(dist_losses, world, case):
+    """W processes, each with its contiguous rows of the global batch, vs one process holding the
+    whole batch with the same k, in float64: DDP averages parameter gradients, so the optimised loss
+    is the mean over ranks, and it and W's gradient must equal the single process's; the
+    synchronised standardization (and the baselines' all_reduce) sums the ranks' gradients in
+    backward, so rank r's feature gradient is W x the single-process gradient of its rows."""
+    data, outs = dist_losses
+    c = DIST_CASES[world][case]
+    ins = [t.clone().requires_grad_() for t in (data["x1"][:, :c["D"]], data["x2"][:, :c["D"]], data["w"][:c["D"], :c["D"]])]
+    single = one_loss(c, *ins)
+    single[0].backward()
+    res = [o[case] for o in outs[world]]
+    for i, v in enumerate(single):
+        assert_rel(torch.stack([r["values"][i] for r in res]).mean(), v, 1e-9, f"mean over ranks of term {i}")
+    if c["loss"] == "decorr":
+        assert_rel(torch.stack([r["gw"] for r in res]).mean(0), ins[2].grad, 1e-9, "mean over ranks of W.grad")
+    n = N_DIST
     for r, out in enumerate(res):
         rows = slice(r * n // world, (r + 1) * n // world)
-        assert_rel(out["g1"] / world, x1.grad[rows], tol, f"rank {r} grad of view 1 / world")
-        assert_rel(out["g2"] / world, x2.grad[rows], tol, f"rank {r} grad of view 2 / world")
+        assert_rel(out["g1"] / world, ins[0].grad[rows], 1e-9, f"rank {r} grad of view 1 / world")
+        assert_rel(out["g2"] / world, ins[1].grad[rows], 1e-9, f"rank {r} grad of view 2 / world")
 
 
 def _dist_bn_worker(rank, world, tmp):

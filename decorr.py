@@ -1,19 +1,17 @@
 """
-decorr.py -- self-supervised pre-training with the decorrelation loss of
-Liu, Suganuma, Okatani, "Bridging the Gap from Asymmetry Tricks to Decorrelation
-Principles in Non-contrastive Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg
-in the same harness as baselines (--loss).
+decorr.py -- self-supervised pre-training with the decorrelation loss of Liu, Suganuma, Okatani,
+"Bridging the Gap from Asymmetry Tricks to Decorrelation Principles in Non-contrastive
+Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (--loss).
 
     backbone -> projector -> standardize (SyncBN, affine=False) -> linear predictor W
     loss = C_inv * ||W F1 - F2||^2 + C_cov / D * sum_parts ||W^T W - W C_part W^T||^2   (eq. 17, 19)
 
-Read top to bottom: 1. the method: standardize(), decorr_loss(), the baselines  2. BatchNorm
-synchronised across CPU processes  3. the model  4. data and augmentation  5. LARS
-6. diagnostics  7. files  8. training.
+Top to bottom: 1. the method: standardize, decorr_loss, the baselines  2. BatchNorm synchronised
+on CPUs  3. the model  4. data, augmentation  5. LARS  6. diagnostics  7. files  8. training.
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
-import argparse, datetime, json, math, os, signal, sys, time, warnings
+import argparse, datetime, functools, hashlib, json, math, os, signal, sys, time, warnings
 
 from PIL import Image
 import torch
@@ -27,37 +25,28 @@ from torchvision.transforms import v2
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
 
-def distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
 def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 # ----------------------------------------------------------------------------- 1. the method
 
-def all_sum(x, group=None):
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
-
 class AllReduce(torch.autograd.Function):
-    """Sum over the ranks of `group`. Every rank's loss depends on the sum, so the backward is the
-    same sum of the gradients: with DDP's mean over ranks, exactly one process's gradients."""
+    """Sum over the ranks of `group`, and so is its backward: exact gradients under DDP's mean."""
     @staticmethod
     def forward(ctx, x, group=None):
-        ctx.group = group
-        return all_sum(x, group)
+        ctx.group, x = group, x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
     @staticmethod
     def backward(ctx, grad):
-        return all_sum(grad, ctx.group), None
+        return AllReduce.forward(ctx, grad, ctx.group), None
 
 class AllGather(torch.autograd.Function):
-    """The rows of every rank of `group`, in rank order; backward: this rank's rows of the
-    gradient summed over the ranks (reduce-scatter)."""
+    """The rows of every rank of `group`; backward: my rows of the gradient summed over the ranks."""
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group, size = group, dist.get_world_size(group)
-        out = x.new_empty(size * x.shape[0], *x.shape[1:])
+        ctx.group = group
+        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
         dist.all_gather_single(out, x.contiguous(), group=group)
         return out
     @staticmethod
@@ -67,7 +56,7 @@ class AllGather(torch.autograd.Function):
         return out, None
 
 def global_sum(x):
-    return AllReduce.apply(x, None) if distributed() else x
+    return AllReduce.apply(x, None) if rank_world()[1] > 1 else x
 
 def batch_stats(x, dims):
     """Mean and biased variance over `dims` of the global batch (equal batches on all ranks)."""
@@ -81,8 +70,8 @@ def working_precision(*ts):
     return [t.to(dtype) for t in ts]
 
 def standardize(f, eps=1e-5):
-    """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33.
-    Exactly BatchNorm1d(affine=False) in training mode (biased variance); float32 or float64."""
+    """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33:
+    BatchNorm1d(affine=False) in training mode (biased variance), in working precision."""
     (f,) = working_precision(f)
     mean, var = batch_stats(f, (0,))
     return (f - mean) / torch.sqrt(var + eps)
@@ -102,43 +91,36 @@ class GramSquare(torch.autograd.Function):
         w, b = ctx.saved_tensors
         return 4 * ctx.scale * grad * (w[:, ctx.lo:ctx.hi] @ b), None, None, None
 
-_GROUPS = {}
+@functools.cache
 def part_group(g, world):
     """The process group of this rank's block of g consecutive ranks (made once, by all ranks)."""
-    if g not in _GROUPS:
-        _GROUPS[g] = None if g == world else dist.new_subgroups(g)[0]
-    return _GROUPS[g]
+    return None if g == world else dist.new_subgroups(g)[0]
 
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
     """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D,
-    this rank's rows) and the predictor weight w (D x D), p = f @ w.T.
-
+    this rank's rows) and the predictor weight w (D x D), p = f @ w.T:
         inv = mean((p1 - f2)^2) + mean((p2 - f1)^2)                               eq. 17
         cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19
         loss = inv_coef * inv + cov_coef / D * cov
-
-    `parts` = k splits the global batch of B rows into parts of m = B/k rows. Under
-    torch.distributed rank r holds rows [r n, (r+1) n): a rank may hold several parts (k > world)
-    or a part span several ranks (k < world; its rows are gathered with autograd). The value is
-    this rank's share: the mean over ranks, which DDP's gradient average optimises, is exactly
-    the single-process loss with the same k, whatever the number of processes.
-
-    No D x D matrix per part is formed when m < D. With P = p_vj (||P^T P|| = ||P P^T||):
-        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2
-    and the middle term summed over parts is one n x D product; each rank forms its rows of the
-    m x m Gram matrix and its rows of W^T W (GramSquare). For m >= D that expansion would cancel
-    near convergence, and a part's D x D matrix is no larger than the part: it is formed as
-    written (summed over the part's ranks). stopgrad=True: Table 3's StopGrad on the targets.
-    Float32 (float64 inputs stay float64), even under autocast."""
+    k = `parts` splits the global batch into parts of m rows. Under torch.distributed rank r holds
+    rows [r n, (r+1) n): a rank may hold several parts (k > world), a part span ranks (k < world).
+    The value is this rank's share: its mean over ranks, which DDP's gradient mean optimises, is
+    the single-process loss with the same k. For m < D no D x D matrix per part is formed:
+        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2,   P = p_vj,
+    the middle term summed over parts is one n x D product, a rank forms its rows of its parts'
+    m x m Gram matrices (rows of other ranks gathered with autograd) and of W^T W (GramSquare).
+    For m >= D that expansion would cancel near convergence, and a part's D x D matrix is no
+    larger than the part: it is formed as written. stopgrad: Table 3's StopGrad on the targets.
+    Float32 even under autocast (float64 stays float64)."""
     with torch.autocast(f1.device.type, enabled=False):
         f1, f2, w = working_precision(f1, f2, w)
         (n, D), (rank, world) = f1.shape, rank_world()
         if n * world % parts:
             raise UsageError(f"a batch of {n * world} rows does not split into {parts} equal partitions")
-        m = n * world // parts
-        g = math.lcm(n, m) // n               # ranks per group: the fewest that hold whole parts
-        group, lo = part_group(g, world) if g > 1 else None, rank % g * n   # lo: first row in it
-        mine = lambda j: slice(min(max(j * m - lo, 0), n), min(max((j + 1) * m - lo, 0), n))  # rows of part j
+        m = n * world // parts                          # rows per part
+        g = math.lcm(n, m) // n                         # ranks per group: the fewest holding whole parts
+        group, lo = part_group(g, world) if g > 1 else None, rank % g * n       # lo: my first row in it
+        mine = lambda j: slice(min(max(j * m - lo, 0), n), min(max((j + 1) * m - lo, 0), n))  # of part j
         p1, p2 = f1 @ w.T, f2 @ w.T
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
@@ -146,30 +128,25 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         if m >= D:
             wtw = w.T @ w
             for p in (p1, p2):
-                for j in range(g * n // m):                            # the group's parts
+                for j in range(g * n // m):                                    # the group's parts
                     c = p[mine(j)].T @ p[mine(j)]
                     c = AllReduce.apply(c, group) if g > 1 else c
                     cov = cov + (c / m - wtw).pow(2).sum() * world / (parts * g)
         else:
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
-                if g == 1:                                              # whole parts here
-                    pp = p.view(n // m, m, D)
-                    gram = torch.bmm(pp, pp.transpose(1, 2)).pow(2).sum()
-                else:                                                   # my rows of their Gram
-                    q = AllGather.apply(p, group)
-                    gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum()
-                               for j in range(lo // m, (lo + n - 1) // m + 1))
+                q = AllGather.apply(p, group) if g > 1 else p                   # the group's rows
+                gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum()      # my rows of my parts' Grams
+                           for j in range(lo // m, (lo + n - 1) // m + 1))
                 cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
 
 def barlow_twins_loss(z1, z2, lambd=0.0051):
-    """Barlow Twins (Zbontar et al., ICML 2021), the official main.py's formulas; returns
-    (loss, on_diag, off_diag). c = BN(z1)^T BN(z2) / N over the global batch of N, BN = standardize:
-        loss = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2
-    c is summed over ranks with AllReduce: the official raw all_reduce makes the gradients
-    world-size times too small; here they are exactly one process's."""
+    """Barlow Twins (Zbontar et al., ICML 2021) as the official main.py: (loss, on_diag, off_diag),
+        loss = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2,   c = BN(z1)^T BN(z2) / N
+    with BN = standardize, N the global batch and c summed over ranks with AllReduce (the official
+    raw all_reduce makes the gradients world-size times too small; these are one process's)."""
     with torch.autocast(z1.device.type, enabled=False):
         c = global_sum(standardize(z1).T @ standardize(z2)) / (z1.shape[0] * rank_world()[1])
         on_diag = (1 - c.diagonal()).pow(2).sum()
@@ -177,20 +154,17 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
     return on_diag + lambd * off_diag, on_diag, off_diag
 
 def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
-    """VICReg (Bardes, Ponce, LeCun, ICLR 2022), the official main_vicreg.py's formulas; returns
-    (loss, inv, var, cov), with C_v the covariance of view v over the global batch of N (/ (N - 1)):
-        inv = mean((z1 - z2)^2)
-        var = sum_v mean_i relu(1 - sqrt(C_v,ii + 1e-4)) / 2
-        cov = sum_v sum_{i != j} C_v,ij^2 / D
-        loss = sim_coef * inv + std_coef * var + cov_coef * cov
-    C_v is summed over ranks with AllReduce (gradients exactly one process's)."""
+    """VICReg (Bardes, Ponce, LeCun, ICLR 2022) as the official main_vicreg.py: (loss, inv, var, cov),
+        inv = mean((z1 - z2)^2),   var = sum_v mean_i relu(1 - sqrt(C_v,ii + 1e-4)) / 2,
+        cov = sum_v sum_{i != j} C_v,ij^2 / D,   loss = sim_coef inv + std_coef var + cov_coef cov
+    with C_v view v's covariance over the global batch of N (/ (N - 1)), summed with AllReduce."""
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = working_precision(z1, z2)
-        (n, D), N = z1.shape, z1.shape[0] * rank_world()[1]
+        (n, D), world = z1.shape, rank_world()[1]
         inv, var, cov = (z1 - z2).pow(2).mean(), 0.0, 0.0
         for z in (z1, z2):
             z = z - batch_stats(z, (0,))[0]
-            c = global_sum(z.T @ z) / (N - 1)
+            c = global_sum(z.T @ z) / (n * world - 1)
             var = var + F.relu(1 - torch.sqrt(c.diagonal() + 1e-4)).mean() / 2
             cov = cov + (c.pow(2).sum() - c.diagonal().pow(2).sum()) / D
     return sim_coef * inv + std_coef * var + cov_coef * cov, inv, var, cov
@@ -200,12 +174,11 @@ def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with statistics over all ranks, as standardize() (SyncBatchNorm refuses CPU tensors)."""
 
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+    def _check_input_dim(self, x):        # BatchNorm1d and 2d alike
+        pass
 
     def forward(self, x):
-        if not (self.training and distributed()):
+        if not (self.training and rank_world()[1] > 1):
             return super().forward(x)
         xf = x.float()
         mean, var = batch_stats(xf, [0, *range(2, x.dim())])
@@ -238,12 +211,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 def build_backbone(arch, small_stem):
     """torchvision ResNet without fc, zero_init_residual=True (sec. 5.1); for images of 64 px or
     less the CIFAR stem: 3x3 conv, stride 1, no max-pool. Returns (backbone, feature dim)."""
-    if arch not in ARCHS:
-        raise UsageError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     net = getattr(torchvision.models, arch)(zero_init_residual=True)
     if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
@@ -254,8 +224,7 @@ def parse_proj(spec):
     return dims
 
 def build_projector(in_dim, dims):
-    """MLP: Linear + BatchNorm + ReLU between layers, plain Linear last. No biases: each Linear is
-    followed by a BatchNorm or by the standardization, which removes them."""
+    """Linear + BatchNorm + ReLU between layers, plain Linear last; no biases (a BatchNorm follows)."""
     layers = []
     for d_in, d in zip([in_dim] + dims, dims):
         layers += [nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
@@ -263,16 +232,12 @@ def build_projector(in_dim, dims):
 
 class Model(nn.Module):
     """Backbone -> projector -> the loss of --loss; forward(x1, x2) returns (loss, *terms). For
-    decorr the projector's output is standardized and mapped by the predictor W; the baselines
-    have no predictor (and so DDP no unused parameter)."""
+    decorr, standardization and the predictor W; the baselines have no predictor."""
 
     def __init__(self, args):
         super().__init__()
-        self.args = args
-        self.backbone, dim = build_backbone(args.arch, args.img_size <= 64)
-        dims = parse_proj(args.proj)
-        self.projector, D = build_projector(dim, dims), dims[-1]
-        self.predictor = None
+        self.args, (self.backbone, dim), dims = args, build_backbone(args.arch, args.img_size <= 64), parse_proj(args.proj)
+        self.projector, D, self.predictor = build_projector(dim, dims), dims[-1], None
         if args.loss == "decorr":
             # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point
             # for decorrelated features; from nn.Linear's random init (appendix C, Fig. 3) W first shrinks.
@@ -294,7 +259,7 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- 4. data
 
-SYNTH_TRAIN, SYNTH_VAL = 5000, 1000
+SYNTH_TRAIN, SYNTH_VAL = 5000, 1000                    # images of the built-in data
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def synthetic_images(n, seed, size=32):
@@ -306,11 +271,10 @@ def synthetic_images(n, seed, size=32):
     y = torch.randperm(n, generator=g) % 10
     t = torch.linspace(0, 1, size)
     yy, xx = [c.expand(n, size, size) for c in torch.meshgrid(t, t, indexing="ij")]
-    k = lambda lo, hi: (lo + (hi - lo) * rnd(n, 1, 1)) * 2 * math.pi     # random frequency
     phase, cx, cy = rnd(n, 1, 1) * 2 * math.pi, rnd(n, 1, 1), rnd(n, 1, 1)
     r, theta = torch.hypot(xx - cx, yy - cy), torch.atan2(yy - cy, xx - cx)
     diag = torch.where(rnd(n, 1, 1) < 0.5, xx + yy, xx - yy) / math.sqrt(2)
-    f = k(2.5, 6)
+    f = (2.5 + 3.5 * rnd(n, 1, 1)) * 2 * math.pi                         # random frequency
     blobs = F.interpolate(torch.randn(n, 1, 4, 4, generator=g), size, mode="bicubic")[:, 0]
     patterns = [
         torch.sin(f * yy + phase),                                          # horizontal stripes
@@ -355,17 +319,22 @@ class Folder(torch.utils.data.Dataset):
                 bad.append(path)
         raise UsageError(f"--data {self.root!r}: none of its {len(self)} images can be read")
 
-    def __getitem__(self, i):
-        return self.read(i)[:2]
+    def __getitem__(self, key):
+        """folder[i]: (image, label). folder[i, u, size]: the loader workers' part of training, both views
+        cropped and flipped by uniforms u as torchvision does (bicubic, antialias), and the skipped paths."""
+        if isinstance(key, int):
+            return self.read(key)[:2]
+        img, _, bad = self.read(key[0])
+        x, u = v2.functional.pil_to_tensor(img), torch.tensor(key[1], dtype=torch.float64)
+        views = [v2.functional.resized_crop(x, *box, [key[2]] * 2, v2.InterpolationMode.BICUBIC)
+                 for box in crop_boxes(u, *x.shape[1:]).long().tolist()]
+        return *[y.flip(-1) if flip < 0.5 else y for y, flip in zip(views, u[:, 22])], "\n".join(bad)
 
 def load_data(data, root="data"):
-    """Returns (train, val, num_classes, small): datasets of (image, label). `data` is
-    'synthetic', 'cifar10', 'cifar100' (torchvision, under root, never downloaded; uint8 tensors in
-    memory, like the synthetic data) or the path of an image folder tree in ImageNet layout
-    (data/train/<class>/..., data/val/<class>/...)."""
+    """(train, val, num_classes, small) for 'synthetic', 'cifar10', 'cifar100' (torchvision's files under
+    root, never downloaded; in memory, uint8) or image folders PATH/{train,val}/<class>/<image>."""
     if data == "synthetic":
-        return (TensorDataset(*synthetic_images(SYNTH_TRAIN, 0)),
-                TensorDataset(*synthetic_images(SYNTH_VAL, 1)), 10, True)
+        return TensorDataset(*synthetic_images(SYNTH_TRAIN, 0)), TensorDataset(*synthetic_images(SYNTH_VAL, 1)), 10, True
     if data in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
         try:                                             # torchvision checks the files' MD5 first
@@ -384,65 +353,60 @@ def load_data(data, root="data"):
     train, val = Folder(os.path.join(data, "train")), Folder(os.path.join(data, "val"))
     return train, val, len(train.classes), False
 
+def eval_transform(size, small):           # no augmentation; Resize + CenterCrop for large images
+    t = [v2.ToImage()] + ([] if small else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
+    return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
 # Augmentation: the BYOL / Barlow Twins pipeline (NOTES.md) on batches, each image with its own
-# parameters, decided by NU uniform numbers per view (columns below). They are drawn per global
-# batch from a generator seeded by (seed, epoch, batch), so through the epoch's order they are a
-# function of (seed, epoch, image index): not of the rank, the number of processes or a resume.
-#   0-9 crop area, 10-19 crop log-ratio (ten tries), 20-21 crop position, 22 flip,
-#   23 jitter on, 24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale,
-#   33 blur on, 34 blur sigma, 35 solarize on
+# parameters, set by NU uniform numbers per view. They are drawn per global batch from a
+# generator seeded by (seed, epoch, batch), so, through the epoch's order, they are a function of
+# (seed, epoch, image index): not of the rank, the number of processes or a resume. Columns:
+#   0-9 crop area, 10-19 crop log-ratio (ten tries), 20-21 crop position, 22 flip, 23 jitter on,
+#   24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale, 33 blur on,
+#   34 blur sigma, 35 solarize on
 NU, VIEWS = 36, ((1.0, 0.0), (0.1, 0.2))   # (blur p, solarize p) of view 1 and view 2
 
 def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's sampler, torchvision's rule: ten tries of an area in scale x H W and a
-    log-uniform aspect ratio, the first that fits; else the whole image cut to the nearest allowed
-    ratio, centred. u: n x NU uniforms; H, W: sizes (numbers or n-vectors). Returns n x 4 (top,
-    left, height, width), float64."""
+    """RandomResizedCrop's boxes (top, left, height, width) by torchvision's rule: of ten tries of an
+    area and a log-uniform ratio the first that fits, else the whole image cut to the nearest ratio."""
     H, W = (torch.as_tensor(s, dtype=torch.float64).expand(len(u)) for s in (H, W))
     area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
     r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 10:20])
     w, h = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
     fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
-    first = fits.byte().argmax(1, keepdim=True)
-    whole = fits.any(1)
-    tall, wide = W / H < ratio[0], W / H > ratio[1]
-    w = torch.where(whole, w.gather(1, first)[:, 0], torch.where(wide, (H * ratio[1]).round(), W))
-    h = torch.where(whole, h.gather(1, first)[:, 0], torch.where(tall, (W / ratio[0]).round(), H))
-    top = torch.where(whole, (u[:, 20] * (H - h + 1)).floor(), ((H - h) / 2).floor())
-    left = torch.where(whole, (u[:, 21] * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    first, tried = fits.byte().argmax(1, keepdim=True), fits.any(1)
+    w = torch.where(tried, w.gather(1, first)[:, 0], torch.where(W / H > ratio[1], (H * ratio[1]).round(), W))
+    h = torch.where(tried, h.gather(1, first)[:, 0], torch.where(W / H < ratio[0], (W / ratio[0]).round(), H))
+    top = torch.where(tried, (u[:, 20] * (H - h + 1)).floor(), ((H - h) / 2).floor())
+    left = torch.where(tried, (u[:, 21] * (W - w + 1)).floor(), ((W - w) / 2).floor())
     return torch.stack([top, left, h, w], 1)
 
 def resized_crops(x, u, size):
-    """RandomResizedCrop(size) + horizontal flip of a batch x (n x C x H x W, float) as one
-    resampling: bilinear, as v2.functional.resized_crop(BILINEAR) on each image (torchvision's
-    pipeline is bicubic) and without antialiasing (a crop is never larger than `size` here)."""
+    """RandomResizedCrop + flip of a batch in one bilinear resampling, as v2.functional.resized_crop
+    (BILINEAR) of each image (torchvision's pipeline: bicubic); no antialias (crops <= size here)."""
     n, _, H, W = x.shape
-    box = crop_boxes(u, H, W).to(x.device)
-    t = (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
-    def coords(start, length, extent):   # sample positions in the crop, clamped to it, normalised
+    box, t = crop_boxes(u, H, W).to(x.device), (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
+    def coords(start, length, extent):          # sample positions in the crop, kept in it, in [-1, 1]
         s = (t * length[:, None] - 0.5).clamp_min(0).minimum(length[:, None] - 1)
         return (2 * (start[:, None] + s) + 1) / extent - 1
     ys, xs = coords(box[:, 0], box[:, 2], H), coords(box[:, 1], box[:, 3], W)
-    xs = torch.where((u[:, 22] < 0.5).to(x.device)[:, None], xs.flip(1), xs)   # flip p 0.5
+    xs = torch.where((u[:, 22] < 0.5).to(x.device)[:, None], xs.flip(1), xs)            # flip p 0.5
     grid = torch.stack([xs[:, None, :].expand(n, size, size), ys[:, :, None].expand(n, size, size)], 3)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 def gray(x):
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])   # ITU-R 601-2, as torchvision
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]   # ITU-R 601-2, as torchvision
 
 def blend(x, ref, f):
-    f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * ref).clamp(0, 1)
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * ref).clamp(0, 1)
 
 def hue_shift(x, shift):
     """Hue turned by `shift` (a fraction of the circle) in HSV space, as torchvision's adjust_hue."""
-    v, lo = x.amax(1), x.amin(1)
+    (r, g, b), v, lo = x.unbind(1), x.amax(1), x.amin(1)
     c = v - lo
-    r, g, b = x.unbind(1)
     cs = torch.where(c > 0, c, 1)
     h = torch.where(v == r, (g - b) / cs, torch.where(v == g, 2 + (b - r) / cs, 4 + (r - g) / cs))
-    h = (h / 6 + shift.view(-1, 1, 1)) % 1
-    s = c / torch.where(v > 0, v, 1)
+    h, s = (h / 6 + shift.view(-1, 1, 1)) % 1, c / torch.where(v > 0, v, 1)
     k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6
     return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -462,14 +426,13 @@ def gaussian_blur(x, sigma, k=23):
     return y.view(n, C, H, W)
 
 def colour(x, u, blur_p, solarize_p, small):
-    """The rest of a view after the crop, on a batch x (n x 3 x S x S floats in [0, 1], any device;
-    u on the CPU): ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 with its four ops in a random order per
-    image (torchvision's semantics), grayscale p 0.2, Gaussian blur (not for small images),
-    solarize, normalisation. Unlike torchvision on uint8 images, nothing is rounded between ops."""
+    """The rest of a view on a batch x in [0, 1] (u on the CPU): ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
+    its ops in a random order per image as torchvision's, grayscale p 0.2, Gaussian blur (not for
+    small images), solarize, normalisation; in float (torchvision rounds uint8 images between ops)."""
     dev, on = x.device, u[:, 23] < 0.8
     f = torch.stack([0.6 + 0.8 * u[:, 24], 0.6 + 0.8 * u[:, 25], 0.8 + 0.4 * u[:, 26], 0.2 * u[:, 27] - 0.1], 1)
     order, f, x = u[:, 28:32].argsort(1), f.to(dev, x.dtype), x.clone()
-    for turn in range(4):                  # each op runs on the images whose turn it is, only on them
+    for turn in range(4):                 # each op runs on the images whose turn it is, only on them
         for op, fn in enumerate(JITTER):
             i = torch.nonzero(on & (order[:, turn] == op))[:, 0].to(dev)
             if len(i):
@@ -479,62 +442,34 @@ def colour(x, u, blur_p, solarize_p, small):
     if len(i) and not small:
         x[i.to(dev)] = gaussian_blur(x[i.to(dev)], 0.1 + 1.9 * u[i, 34])
     x = torch.where((u[:, 35] < solarize_p).to(dev).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    mean, std = (torch.tensor(v, device=dev, dtype=x.dtype).view(1, 3, 1, 1) for v in (MEAN, STD))
-    return (x - mean) / std
-
-def eval_transform(size, small):
-    """No augmentation: Resize(size * 256/224) + CenterCrop(size) for large images."""
-    t = [v2.ToImage()] + ([] if small else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
-    return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
-class FolderCrops(torch.utils.data.Dataset):
-    """For a key (index, the uniforms of both views): the image decoded, and its two views cropped
-    and flipped in the loader's workers, as torchvision does (bicubic, antialiased), uint8; and the
-    paths of unreadable images it replaced, joined by newlines."""
-
-    def __init__(self, folder, size):
-        self.folder, self.size = folder, size
-
-    def __getitem__(self, key):
-        i, u = key
-        img, _, bad = self.folder.read(i)
-        x = v2.functional.pil_to_tensor(img)
-        views = []
-        for uv in torch.tensor(u, dtype=torch.float64):
-            top, left, h, w = crop_boxes(uv[None], *x.shape[1:])[0].long().tolist()
-            y = v2.functional.resized_crop(x, top, left, h, w, [self.size] * 2, v2.InterpolationMode.BICUBIC)
-            views.append(y.flip(-1) if uv[22] < 0.5 else y)
-        return views[0], views[1], "\n".join(bad)
+    return (x - x.new_tensor(MEAN).view(1, 3, 1, 1)) / x.new_tensor(STD).view(1, 3, 1, 1)
 
 def batches(train, small, args, device, first, last):
-    """Yields (x1, x2, unreadable image paths) for steps first+1..last: on rank r, rows
-    [r n, (r+1) n) of each global batch of B images, both views, on the device. The epoch's order
-    comes from (seed, epoch), each image's views from (seed, epoch, batch); in-memory data is
-    indexed and augmented on the device, folders are decoded and cropped in the loader's workers."""
+    """(x1, x2, unreadable paths) for steps first+1..last: rank r's rows [r n, (r+1) n) of each global
+    batch, on the device. Order from (seed, epoch), views from (seed, epoch, batch). In-memory data
+    is augmented on the device; folders are decoded and cropped by persistent workers."""
     (rank, world), B = rank_world(), args.batch_size
     n, spe = B // world, len(train) // B
+    seed = lambda *k: torch.Generator().manual_seed(int(hashlib.sha256(repr(k).encode()).hexdigest()[:15], 16))
 
-    def plan():                       # (this rank's image indices, their uniforms) per step
-        epoch = None
+    def plan():                                       # this rank's image indices and uniforms, per step
         for step in range(first, last):
-            if step // spe != epoch:
-                epoch = step // spe
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
-            b, rows = step % spe, slice(rank * n, (rank + 1) * n)
-            g = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_000_033 + b)
-            yield order[b * B:(b + 1) * B][rows], torch.rand(B, 2, NU, generator=g, dtype=torch.float64)[rows]
+            epoch, b = divmod(step, spe)
+            if step == first or b == 0:
+                order = torch.randperm(len(train), generator=seed(args.seed, epoch))
+            u = torch.rand(B, 2, NU, generator=seed(args.seed, epoch, b), dtype=torch.float64)
+            yield order[b * B:(b + 1) * B][rank * n:(rank + 1) * n], u[rank * n:(rank + 1) * n]
 
-    def finish(crops, u):             # crops of both views on the device, floats in [0, 1]
-        return [colour(c, u[:, v], *VIEWS[v], small).contiguous(memory_format=torch.channels_last)
-                for v, c in enumerate(crops)]
+    finish = lambda crops, u: [colour(c, u[:, v], *VIEWS[v], small).contiguous(memory_format=torch.channels_last)
+                               for v, c in enumerate(crops)]     # both views' crops on the device, in [0, 1]
     if isinstance(train, TensorDataset):
         images = train.tensors[0].to(device)
         for idx, u in plan():
             x = images[idx.to(device)].float() / 255
             yield *finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u), []
         return
-    keys = ([(i, uu) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
-    loader = torch.utils.data.DataLoader(FolderCrops(train, args.img_size), batch_sampler=keys, num_workers=args.workers,
+    keys = ([(i, uu, args.img_size) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
+    loader = torch.utils.data.DataLoader(train, batch_sampler=keys, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     for (idx, u), (c1, c2, bad) in zip(plan(), loader):
         crops = [c.to(device, non_blocking=True).float() / 255 for c in (c1, c2)]
@@ -558,11 +493,9 @@ class LARS(torch.optim.Optimizer):
                     dp = dp.add(p, alpha=g["weight_decay"])
                     pn, dn = p.norm(), dp.norm()
                     dp = dp * torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0)
-                mu = self.state[p].get("mu")
-                if mu is None:
-                    mu = self.state[p]["mu"] = torch.zeros_like(p)
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                p.add_(self.state[p]["mu"].mul_(g["momentum"]).add_(dp), alpha=-g["lr"])
 
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -570,8 +503,7 @@ def make_optimizer(model, args):
                  dict(params=[p for p in params if p.ndim <= 1], lars=False, weight_decay=0.0)],
                 lr=0.0, weight_decay=args.wd, eta=args.lars_eta)
 
-def learning_rate(step, total, warmup, base):
-    """Linear warmup, then cosine decay to 0, per step."""
+def learning_rate(step, total, warmup, base):          # linear warmup, then cosine decay to 0
     return (base * (step + 1) / warmup if step < warmup else
             base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
@@ -582,8 +514,7 @@ def centred_unit(x, eps=1e-8):
     return x / (x.pow(2).mean(0).sqrt() + eps)
 
 def corr_dist(h):
-    """||Sigma - I||_F^2 / D for the correlation matrix Sigma of h (n x D), Fig. 1's quantity;
-    via the n x n Gram matrix: ||Z^T Z/n||^2 = ||Z Z^T||^2 / n^2."""
+    """Fig. 1's ||Sigma - I||_F^2 / D, Sigma the correlation of h, via ||Z^T Z/n||^2 = ||Z Z^T||^2/n^2."""
     z = centred_unit(h)
     n, D = z.shape
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
@@ -599,8 +530,7 @@ def eff_rank(x):
     p = s / s.sum().clamp_min(1e-12)
     return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
 
-def collapsing(feat_std, rank):
-    """Complete collapse (constant output) or dimensional collapse (about one direction left)."""
+def collapsing(feat_std, rank):           # complete collapse, or one direction left (dimensional)
     return feat_std < 1e-3 or rank < 2.0
 
 def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
@@ -617,11 +547,9 @@ def fixed_batch(ds, n, size, small, device):
 
 @torch.no_grad()
 def diagnostics(model, probe, bank, num_classes, amp=None):
-    """The mechanism, measured on a fixed held-out batch without augmentation, in eval mode; the
-    forward passes under autocast(amp), the measures in float32."""
-    was_training = model.training
+    """The mechanism, measured on fixed batches without augmentation, in eval mode, in float32."""
+    was_training, ((xq, yq), (xb, yb)) = model.training, (probe, bank)
     model.eval()
-    (xq, yq), (xb, yb) = probe, bank
     with torch.autocast(xq.device.type, dtype=amp, enabled=amp is not None):
         h, hb = model.backbone(xq).float(), model.backbone(xb).float()
         z = model.projector(h).float()
@@ -629,29 +557,22 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
                feat_std=z.std(0).mean().item())
     if model.predictor is not None:                      # decorr only
         out["wp_offdiag"] = wp_offdiag(model.predictor.weight)
-    if num_classes:
-        pred = knn_predict(hb, yb, h, num_classes)
-        out["knn_top1"] = 100.0 * (pred.cpu() == yq).float().mean().item()
+    out["knn_top1"] = 100.0 * (knn_predict(hb, yb, h, num_classes).cpu() == yq).float().mean().item()
     model.train(was_training)
     return out
 
 def wp_picture(w, size=256):
     """Appendix C, Fig. 3: (a) |W_p|, (b) rows divided by their diagonal; side by side, uint8."""
     w = w.detach().float().cpu()
-    panels = []
-    for m in (w.abs(), (w / w.diagonal().unsqueeze(1)).abs()):
-        m = F.adaptive_avg_pool2d(m[None, None], min(size, m.shape[0]))[0, 0]
-        m = (m / m.max().clamp_min(1e-12)).clamp(0, 1)
-        panels.append(F.interpolate(m[None, None], size, mode="nearest")[0, 0])
-    a = torch.cat([panels[0], torch.ones(size, 4), panels[1]], 1)
-    rgb = torch.stack([a.sqrt(), a, a.pow(2)])          # a dark-to-yellow map: diagonal is bright
-    return (rgb * 255).round().to(torch.uint8)
+    a, b = (F.interpolate(F.adaptive_avg_pool2d(m[None, None], min(size, len(m))), size)[0, 0]
+            for m in (w.abs(), (w / w.diagonal()[:, None]).abs()))
+    a = torch.cat([a / a.max().clamp_min(1e-12), torch.ones(size, 4), b / b.max().clamp_min(1e-12)], 1).clamp(0, 1)
+    return (torch.stack([a.sqrt(), a, a.pow(2)]) * 255).round().to(torch.uint8)   # dark to yellow
 
 # ----------------------------------------------------------------------------- 7. files
 
 def atomic_write(path, write):
-    """write(file) to a temporary file, fsync, rename over path: a crash at any instant leaves
-    either the old file or the new one, both complete."""
+    """write(file) to a temporary file, fsync, rename over path: a crash leaves the old or the new file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as fh:
         write(fh)
@@ -668,11 +589,6 @@ def append_jsonl(path, row):
         fh.flush()
         os.fsync(fh.fileno())
 
-def read_jsonl(path):
-    """The complete lines of a JSON-lines file (a line cut by a crash is dropped)."""
-    lines = open(path).read().split("\n") if os.path.exists(path) else []
-    return [json.loads(line) for line in lines if line.endswith("}")]   # rows are flat objects
-
 def load_checkpoint(path):
     try:
         with warnings.catch_warnings():
@@ -684,20 +600,18 @@ def load_checkpoint(path):
 
 # ----------------------------------------------------------------------------- 8. training
 
-# Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1),
-# a CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
+# Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1), a
+# CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR. Then each
+# loss's coefficients (the official ones for the baselines) and the terms it logs.
 PROFILES = dict(
     folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6, lars_eta=0.001),
     cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
-    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02),
-)
-# Each loss's coefficients (the official ones for the baselines) and the terms it logs.
+    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02))
 LOSSES = dict(decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
               barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
               vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")))
-RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "loss", "partitions", "seed", "no_std",
-                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "std_coef", "lr",
-                "wd", "lars_eta")
+RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "loss", "partitions", "seed", "no_std", "lr", "wd",
+                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "std_coef", "lars_eta")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -708,22 +622,19 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)")
     a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
-    a("--arch", default=None, help=f"{' | '.join(ARCHS)} (default: resnet50 for folders, else resnet18)")
+    a("--arch", choices=ARCHS, default=None, help="default: resnet50 for folders, else resnet18")
     a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
     a("--proj", default=None, help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)")
     a("--epochs", type=int, default=None)
     a("--batch-size", type=int, default=None, help="global batch, over all processes")
     a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
     a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
-    a("--lars-eta", type=float, default=None, help="LARS trust coefficient (default: 0.001 for "
-      "folders as in the paper; 0.02 for small data, as solo-learn's CIFAR recipes)")
+    a("--lars-eta", type=float, default=None, help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)")
     a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
     a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
-    a("--partitions", type=int, default=None, help="k: parts of the global batch (Table 5 #PARTITION; "
-      "default: the number of processes, as Algorithm 1)")
-    a("--inv-coef", type=float, default=None, help="C_inv (Table 5 INV COEF; default 1); vicreg: sim coef (25)")
-    a("--cov-coef", type=float, default=None, help="C_cov (Table 5 COV COEF; default 1); vicreg: cov coef (1); "
-      "barlowtwins: lambda (0.0051)")
+    a("--partitions", type=int, default=None, help="k, parts of the global batch (default: the number of processes)")
+    a("--inv-coef", type=float, default=None, help="C_inv (default 1); vicreg: sim coef (25)")
+    a("--cov-coef", type=float, default=None, help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)")
     a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
     a("--no-std", action="store_true", help="Table 3: no standardization")
     a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
@@ -739,74 +650,63 @@ def parse_args(argv=None):
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
-    args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    profile = PROFILES["synthetic" if args.data == "synthetic" else
-                       "cifar" if args.data in ("cifar10", "cifar100") else "folder"]
-    for k, v in dict(profile, partitions=world, **LOSSES[args.loss][0]).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args, world = p.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1))
+    profile = PROFILES["synthetic" if args.data == "synthetic" else "cifar" if args.data in ("cifar10", "cifar100") else "folder"]
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.cpu._is_avx512_bf16_supported()
+    workers = max(0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    for k, v in dict(profile, partitions=world, amp="bf16" if bf16 else "none", workers=workers, **LOSSES[args.loss][0]).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     parse_proj(args.proj)
     for k in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
         if getattr(args, k) <= 0:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    if args.batch_size % args.partitions:
-        raise UsageError(f"--batch-size {args.batch_size} does not split into --partitions "
-                         f"{args.partitions} equal parts")
+    for parts, what in ((world, f"over {world} processes"), (args.partitions, f"into --partitions {args.partitions} equal parts")):
+        if args.batch_size % parts:
+            raise UsageError(f"--batch-size {args.batch_size} does not split {what}")
     return args
+
+def resume(args, ckpt_path, log_path, master):
+    """The checkpoint to continue, checked to be this run's; None to start (--fresh: the old moved aside)."""
+    if not os.path.exists(ckpt_path):
+        return None
+    if args.fresh:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        for path in filter(os.path.exists, (ckpt_path, log_path) if master else ()):
+            os.replace(path, f"{path}.{stamp}")
+            print(f"--fresh: {path} moved aside to {path}.{stamp}")
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING if old.get(k) != getattr(args, k)]
+    if diff:
+        raise UsageError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); use the same ones, another --out, or --fresh")
+    return ckpt
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if args.amp is None:                                  # bf16 where the hardware has it
-        args.amp = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else
-                              getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) else "none"
-    if args.workers is None:
-        args.workers = max(0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     master, out = rank == 0, args.out
     say = print if master else (lambda *a, **k: None)
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
 
-    # data (before anything is written, so that bad data costs nothing)
+    # data and checkpoint before anything is written: bad input costs nothing
     train, val, num_classes, small = load_data(args.data, args.data_root)
     spe = len(train) // args.batch_size                       # optimiser steps per epoch
     if spe == 0:
         raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
-    if master:                                   # the diagnostics' images, read before writing
-        probe = fixed_batch(val, 256, args.img_size, small, device)
-        bank = fixed_batch(train, 384, args.img_size, small, device)
-
-    # resume or start
-    ckpt = None
-    if os.path.exists(ckpt_path):
-        if args.fresh and master:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            for path in filter(os.path.exists, (ckpt_path, log_path)):
-                os.replace(path, f"{path}.{stamp}")
-            say(f"--fresh: previous checkpoint and log moved aside (*.{stamp})")
-        elif not args.fresh:
-            ckpt = load_checkpoint(ckpt_path)
-            old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-            diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING
-                    if old.get(k) != getattr(args, k)]
-            if diff:
-                raise UsageError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); "
-                                 f"use the same ones, another --out, or --fresh")
+    if master:                                                # the diagnostics' fixed batches
+        probe, bank = fixed_batch(val, 256, args.img_size, small, device), fixed_batch(train, 384, args.img_size, small, device)
+    ckpt = resume(args, ckpt_path, log_path, master)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)                  # the initial weights (the only random draw left)
-
+    torch.manual_seed(args.seed)                              # the initial weights: the only random draw
     raw = Model(args)
     raw = (sync_batchnorm(raw, device) if world > 1 else raw).to(device)
     raw.backbone.to(memory_format=torch.channels_last)
-    opt = make_optimizer(raw, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step = 0
+    opt, scaler, step = make_optimizer(raw, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), 0
     if ckpt is not None:
         for obj, key in ((raw, "model"), (opt, "optimizer"), (scaler, "scaler")):
             obj.load_state_dict(ckpt[key])
@@ -818,44 +718,32 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
         os.makedirs(out, exist_ok=True)
-        rows = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]   # drop steps redone
+        rows = [json.loads(r) for r in open(log_path).read().split("\n") if r.endswith("}")] if os.path.exists(log_path) else []
+        rows = [r for r in rows if r.get("step", 0) <= step]      # drop a line cut by a crash, and steps redone
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-
-    def save_checkpoint():
-        if master:
-            state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict())
-            atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
-
     stop = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):          # preemption (SLURM sends SIGUSR1 first)
         signal.signal(sig, lambda s, f: stop.append(s))
 
-    total, terms = args.epochs * spe, LOSSES[args.loss][1]
-    warmup = min(args.warmup_epochs * spe, total // 10)
-    last = min(total, args.steps) if args.steps else total
-    amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
-    diag_every = args.diag_every or spe
-    k = (f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
-         if args.loss == "decorr" else "")
-    say(f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, "
-        f"{args.epochs} epochs | batch {args.batch_size} on {world} x {device.type}{k} | "
-        f"amp {args.amp}{' compile' if args.compile else ''}")
-    t0, t_last, step0, s_last, saved, stopping, warned = time.time(), time.time(), step, step, step, False, False
-    bad_images, reported = 0, set()
+    total, terms, amp = args.epochs * spe, LOSSES[args.loss][1], dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    warmup, last = min(args.warmup_epochs * spe, total // 10), min(total, args.steps or total)
+    k = f" | partitions {args.partitions} of {args.batch_size // args.partitions} images" if raw.predictor else ""
+    say(f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, {args.epochs} "
+        f"epochs | batch {args.batch_size} on {world} x {device.type}{k} | amp {args.amp}{' compile' if args.compile else ''}")
+    t0 = t_last = time.time()
+    step0 = s_last = saved = step
+    stopping, bad_images, reported = False, 0, set()
     for x1, x2, bad in batches(train, small, args, device, step, last):
-        epoch = step // spe
         for path in sorted(set(bad) - reported):
-            print(f"decorr.py: cannot read image {path}: replaced by the next readable one "
-                  f"(every time; counted in log.jsonl as bad_images)", flush=True)
+            print(f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)", flush=True)
         reported.update(bad)
-        lr = learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
+        epoch, lr = step // spe, learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss, *term_values = model(x1, x2)
         stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
-                             torch.tensor(float(len(bad)), device=device), torch.tensor(float(bool(stop)), device=device)])
+                             *torch.tensor([len(bad), bool(stop)], dtype=loss.dtype, device=device)])
         if world > 1:
             dist.all_reduce(stats)
             stats[:-2] /= world
@@ -867,42 +755,33 @@ def main(argv=None):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        step, bad_images = step + 1, bad_images + int(bad_v)
-        stopping = stop_v > 0                             # the same decision on every rank
+        step, bad_images, stopping = step + 1, bad_images + int(bad_v), stop_v > 0   # all ranks decide alike
         if master and (step % args.log_every == 0 or step == last or stopping):
             now = time.time()
-            ips = (step - s_last) * args.batch_size / (now - t_last)
-            eta = (last - step) * (now - t0) / (step - step0)
+            ips, eta = (step - s_last) * args.batch_size / (now - t_last), (last - step) * (now - t0) / (step - step0)
             append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, **dict(zip(terms, values)), lr=lr,
                                         img_per_s=ips, bad_images=bad_images))
-            say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in zip(terms, values))
-                + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
+            say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} " + " ".join(f"{k} {v:.4f}" for k, v
+                in zip(terms, values)) + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
             t_last, s_last = now, step
-        if master and (step % diag_every == 0 or step == last):
+        if master and (step % (args.diag_every or spe) == 0 or step == last):
             t_diag = time.time()
             d = diagnostics(raw, probe, bank, num_classes, amp)
             append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
-            warn = "  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) and not warned else ""
-            warned = warned or bool(warn)
-            say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items()) + warn)
-            if raw.predictor is not None:
+            say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items())
+                + ("  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else ""))
+            if raw.predictor:
                 pic = Image.fromarray(wp_picture(raw.predictor.weight).permute(1, 2, 0).numpy())
                 atomic_write(os.path.join(out, "wp.png"), lambda fh: pic.save(fh, format="PNG"))
-        if step == last or stopping or step % spe == 0 or (args.save_every_steps and step % args.save_every_steps == 0):
-            save_checkpoint()
+        if master and (step == last or stopping or step % spe == 0 or step % (args.save_every_steps or spe) == 0):
+            state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict())
+            atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
             saved = step
-        if step == last or stopping:
+        if stopping:
             break
     if master and not stopping:
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
-    if world > 1:                                           # every rank holds the same parameters
-        sums = [None] * world
-        dist.all_gather_object(sums, [p.detach().double().sum().item() for p in raw.parameters()])
-        if master:
-            append_jsonl(log_path, dict(step=step, ranks_in_sync=all(s == sums[0] for s in sums)))
-    files = "backbone.pt" + (", wp.png" if raw.predictor is not None else "")
-    say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/" + ("" if stopping else f" ({files})"))
+    say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/")
     del model, raw, opt
     if world > 1:
         dist.barrier()

@@ -116,7 +116,8 @@ def test_decorr_run_end_to_end(run):
     assert res["small_stem"] and res["step"] == 2 and not res["random_init"]
     assert res["ckpt"] == str(run / "checkpoint.pt") and res["n_train"] == res["n_val"] == 100
     assert 0 <= res["top1"] <= res["top5"] <= 100 and 0 <= res["knn_top1"] <= 100 and res["knn_k"] == 20
-    rows = [json.loads(line) for line in open(run / "eval.jsonl")]
+    with open(run / "eval.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
     assert rows[-1] == res
 
 
@@ -138,7 +139,7 @@ def test_backbone_pt_and_plain_state_dict(run, folder, capsys, tmp_path):
 def test_random_init_from_run_folder(run, capsys):
     res = run_main(capsys, run, "--random-init", "--limit", 100, "--workers", 0, "--fast-epochs", 5)
     assert res["random_init"] and res["arch"] == "resnet18" and res["data"] == "synthetic" and res["small_stem"]
-    assert json.loads(open(run / "eval.jsonl").read().splitlines()[-1])["random_init"]
+    assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["random_init"]
 
 
 def test_random_init_without_checkpoint_is_seeded(folder, capsys):

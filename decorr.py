@@ -384,13 +384,13 @@ def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 def resized_crops(x, u, size):
     """RandomResizedCrop + flip of a batch in one bilinear resampling, as v2.functional.resized_crop
     (BILINEAR) of each image (torchvision's pipeline: bicubic); no antialias (crops <= size here)."""
-    n, _, H, W = x.shape
-    box, t = crop_boxes(u, H, W).to(x.device), (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
+    (n, _, H, W), t = x.shape, (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
+    box, flip = (v.to(x.device, non_blocking=True) for v in (crop_boxes(u, H, W), u[:, 22] < 0.5))  # no sync
     def coords(start, length, extent):          # sample positions in the crop, kept in it, in [-1, 1]
         s = (t * length[:, None] - 0.5).clamp_min(0).minimum(length[:, None] - 1)
         return (2 * (start[:, None] + s) + 1) / extent - 1
     ys, xs = coords(box[:, 0], box[:, 2], H), coords(box[:, 1], box[:, 3], W)
-    xs = torch.where((u[:, 22] < 0.5).to(x.device)[:, None], xs.flip(1), xs)            # flip p 0.5
+    xs = torch.where(flip[:, None], xs.flip(1), xs)                                      # flip p 0.5
     grid = torch.stack([xs[:, None, :].expand(n, size, size), ys[:, :, None].expand(n, size, size)], 3)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -426,23 +426,23 @@ def gaussian_blur(x, sigma, k=23):
     return y.view(n, C, H, W)
 
 def colour(x, u, blur_p, solarize_p, small):
-    """The rest of a view on a batch x in [0, 1] (u on the CPU): ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
-    its ops in a random order per image as torchvision's, grayscale p 0.2, Gaussian blur (not for
-    small images), solarize, normalisation; in float (torchvision rounds uint8 images between ops)."""
-    dev, on = x.device, u[:, 23] < 0.8
-    f = torch.stack([0.6 + 0.8 * u[:, 24], 0.6 + 0.8 * u[:, 25], 0.8 + 0.4 * u[:, 26], 0.2 * u[:, 27] - 0.1], 1)
-    order, f, x = u[:, 28:32].argsort(1), f.to(dev, x.dtype), x.clone()
+    """The rest of a view on a batch x in [0, 1]: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, its ops in a random
+    order per image as torchvision's, grayscale p 0.2, blur (not for small images), solarize, normalisation;
+    in float (torchvision rounds uint8 between ops). u stays on the CPU: nothing waits for the device."""
+    dev = lambda t: t.to(x.device, non_blocking=True)
+    on, order, ud, x = u[:, 23] < 0.8, u[:, 28:32].argsort(1), dev(u), x.clone()
+    f = torch.stack([0.6 + 0.8 * ud[:, 24], 0.6 + 0.8 * ud[:, 25], 0.8 + 0.4 * ud[:, 26], 0.2 * ud[:, 27] - 0.1], 1).to(x)
     for turn in range(4):                 # each op runs on the images whose turn it is, only on them
         for op, fn in enumerate(JITTER):
-            i = torch.nonzero(on & (order[:, turn] == op))[:, 0].to(dev)
+            i = dev(torch.nonzero(on & (order[:, turn] == op))[:, 0])
             if len(i):
                 x[i] = fn(x[i], f[i, op])
-    x = torch.where((u[:, 32] < 0.2).to(dev).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-    i = torch.nonzero(u[:, 33] < blur_p)[:, 0]
+    x = torch.where((ud[:, 32] < 0.2).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+    i = dev(torch.nonzero(u[:, 33] < blur_p)[:, 0])
     if len(i) and not small:
-        x[i.to(dev)] = gaussian_blur(x[i.to(dev)], 0.1 + 1.9 * u[i, 34])
-    x = torch.where((u[:, 35] < solarize_p).to(dev).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    return (x - x.new_tensor(MEAN).view(1, 3, 1, 1)) / x.new_tensor(STD).view(1, 3, 1, 1)
+        x[i] = gaussian_blur(x[i], 0.1 + 1.9 * ud[i, 34])
+    x = torch.where((ud[:, 35] < solarize_p).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)
 
 def batches(train, small, args, device, first, last):
     """(x1, x2, unreadable paths) for steps first+1..last: rank r's rows [r n, (r+1) n) of each global
@@ -465,7 +465,7 @@ def batches(train, small, args, device, first, last):
     if isinstance(train, TensorDataset):
         images = train.tensors[0].to(device)
         for idx, u in plan():
-            x = images[idx.to(device)].float() / 255
+            x = images[idx.to(device, non_blocking=True)].float() / 255
             yield *finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u), []
         return
     keys = ([(i, uu, args.img_size) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())

@@ -446,8 +446,7 @@ def colour(x, u, blur_p, solarize_p, small):
 
 def batches(train, small, args, device, first, last):
     """(x1, x2, unreadable paths) for steps first+1..last: rank r's rows [r n, (r+1) n) of each global
-    batch, on the device. Order from (seed, epoch), views from (seed, epoch, batch). In-memory data
-    is augmented on the device; folders are decoded and cropped by persistent workers."""
+    batch, on the device; order from (seed, epoch), views from (seed, epoch, batch), no blur if small."""
     (rank, world), B = rank_world(), args.batch_size
     n, spe = B // world, len(train) // B
     seed = lambda *k: torch.Generator().manual_seed(int(hashlib.sha256(repr(k).encode()).hexdigest()[:15], 16))
@@ -515,8 +514,7 @@ def centred_unit(x, eps=1e-8):
 
 def corr_dist(h):
     """Fig. 1's ||Sigma - I||_F^2 / D, Sigma the correlation of h, via ||Z^T Z/n||^2 = ||Z Z^T||^2/n^2."""
-    z = centred_unit(h)
-    n, D = z.shape
+    z, (n, D) = centred_unit(h), h.shape
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
 
 def wp_offdiag(w):
@@ -692,9 +690,11 @@ def main(argv=None):
 
     # data and checkpoint before anything is written: bad input costs nothing
     train, val, num_classes, small = load_data(args.data, args.data_root)
-    spe = len(train) // args.batch_size                       # optimiser steps per epoch
-    if spe == 0:
-        raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
+    spe, side = len(train) // args.batch_size, train.tensors[0].shape[-1] if small else args.img_size   # steps/epoch
+    for bad, why in ((spe == 0, f"{len(train)} training images are fewer than --batch-size {args.batch_size}"),
+                     (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}")):
+        if bad:
+            raise UsageError(why)
     if master:                                                # the diagnostics' fixed batches
         probe, bank = fixed_batch(val, 256, args.img_size, small, device), fixed_batch(train, 384, args.img_size, small, device)
     ckpt = resume(args, ckpt_path, log_path, master)
@@ -733,7 +733,7 @@ def main(argv=None):
     t0 = t_last = time.time()
     step0 = s_last = saved = step
     stopping, bad_images, reported = False, 0, set()
-    for x1, x2, bad in batches(train, small, args, device, step, last):
+    for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):   # no blur for small images
         for path in sorted(set(bad) - reported):
             print(f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)", flush=True)
         reported.update(bad)

@@ -102,16 +102,15 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         inv = mean((p1 - f2)^2) + mean((p2 - f1)^2)                               eq. 17
         cov = mean over parts j of sum_v ||p_vj^T p_vj / m - W^T W||_F^2          eq. 19
         loss = inv_coef * inv + cov_coef / D * cov
-    k = `parts` splits the global batch into parts of m rows. Under torch.distributed rank r holds
-    rows [r n, (r+1) n): a rank may hold several parts (k > world), a part span ranks (k < world).
-    The value is this rank's share: its mean over ranks, which DDP's gradient mean optimises, is
-    the single-process loss with the same k. For m < D no D x D matrix per part is formed:
-        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2,   P = p_vj,
-    the middle term summed over parts is one n x D product, a rank forms its rows of its parts'
-    m x m Gram matrices (rows of other ranks gathered with autograd) and of W^T W (GramSquare).
-    For m >= D that expansion would cancel near convergence, and a part's D x D matrix is no
-    larger than the part: it is formed as written. stopgrad: Table 3's StopGrad on the targets.
-    Float32 even under autocast (float64 stays float64)."""
+    k = `parts` splits the global batch into parts of m rows; under torch.distributed rank r holds
+    rows [r n, (r+1) n), so a rank may hold several parts (k > world), a part span ranks (k < world).
+    The value is this rank's share: its mean over ranks (what DDP optimises) is the single-process
+    loss with the same k. For m < D, with P = p_vj, no D x D matrix per part is formed:
+        ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2;
+    a rank forms its rows of its parts' m x m Gram matrices (other ranks' rows gathered with
+    autograd) and of W^T W (GramSquare). For m >= D that would cancel near convergence, and a D x D
+    matrix is no larger than the part: formed as written. stopgrad: Table 3's StopGrad on the
+    targets. Float32 even under autocast (float64 stays float64)."""
     with torch.autocast(f1.device.type, enabled=False):
         f1, f2, w = working_precision(f1, f2, w)
         (n, D), (rank, world) = f1.shape, rank_world()
@@ -135,9 +134,11 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         else:
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
-                q = AllGather.apply(p, group) if g > 1 else p                   # the group's rows
-                gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum()      # my rows of my parts' Grams
-                           for j in range(lo // m, (lo + n - 1) // m + 1))
+                if g == 1:                                                      # whole parts: one product
+                    gram = torch.bmm(p.view(-1, m, D), p.view(-1, m, D).transpose(1, 2)).pow(2).sum()
+                else:                                                           # my rows of my parts' Grams
+                    q = AllGather.apply(p, group)
+                    gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum() for j in range(lo // m, (lo + n - 1) // m + 1))
                 cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
@@ -225,9 +226,8 @@ def parse_proj(spec):
 
 def build_projector(in_dim, dims):
     """Linear + BatchNorm + ReLU between layers, plain Linear last; no biases (a BatchNorm follows)."""
-    layers = []
-    for d_in, d in zip([in_dim] + dims, dims):
-        layers += [nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
+    layers = [mod for d_in, d in zip([in_dim] + dims, dims)
+              for mod in (nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True))]
     return nn.Sequential(*layers[:-2])
 
 class Model(nn.Module):

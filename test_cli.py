@@ -1,22 +1,29 @@
-"""End-to-end tests of the decorr.py command line: each runs the real script in a subprocess on
-the built-in synthetic data with a tiny configuration (ResNet-18 at 32 px, batch 32, projector
-64-64, no autocast, no loader processes, a handful of steps)."""
+"""End-to-end tests of the decorr.py command line: each runs the real script in a subprocess (one
+process, or two under torchrun) on the built-in synthetic data with a tiny configuration (ResNet-18
+at 32 px, batch 32, projector 64-64, no autocast, no loader processes, a handful of steps). The runs
+are module fixtures, each made once and checked by several tests."""
 import json, math, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import decorr  # noqa: E402
 
 SMALL = ["--batch-size", "32", "--proj", "64-64", "--amp", "none", "--workers", "0", "--log-every", "1"]
-# the short run of test 1; lr 1.0 (0.125 after batch scaling) lowers the loss by ~20% in 10 steps
-TRAIN = SMALL + ["--epochs", "1", "--warmup-epochs", "0", "--steps", "10", "--lr", "1.0", "--diag-every", "5"]
-TRAIN_KEYS = {"epoch", "step", "loss", "inv", "cov", "lr"}
-DIAG_KEYS = {"corr_dist", "wp_offdiag", "eff_rank_proj", "eff_rank_backbone", "feat_std", "knn_top1"}
+# constant lr 1.0 (0.125 after batch scaling): the decorr loss falls by ~20% in 10 steps
+FAST = SMALL + ["--epochs", "1", "--warmup-epochs", "0", "--lr", "1.0"]
+TRAIN = FAST + ["--steps", "10", "--diag-every", "5", "--partitions", "2"]   # section 1's run
+WORLD = FAST + ["--steps", "3"]                                              # section 6's runs
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "decorr.py")
+TERMS = {"decorr": ("inv", "cov"), "barlowtwins": ("on_diag", "off_diag"), "vicreg": ("inv", "var", "cov")}
+DIAG_KEYS = {"corr_dist", "eff_rank_proj", "eff_rank_backbone", "feat_std", "knn_top1"}   # + wp_offdiag (decorr)
+FILES = ["backbone.pt", "checkpoint.pt", "log.jsonl", "wp.png"]
 
 
 def run(args, timeout=600, script=("decorr.py",), **kw):
@@ -25,12 +32,24 @@ def run(args, timeout=600, script=("decorr.py",), **kw):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def run_ok(tmp_path_factory, name, args, script=("decorr.py",)):
+    """A run that must succeed, into a fresh out folder: (out, completed process)."""
+    out = tmp_path_factory.mktemp(name) / "out"
+    p = run(args + ["--out", out], script=script)
+    assert p.returncode == 0, (name, p.stdout[-3000:], p.stderr[-3000:])
+    return out, p
+
+
 def rows(out):
-    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
 def train_rows(out):
     return [r for r in rows(out) if "loss" in r]
+
+
+def header(p):
+    return p.stdout.splitlines()[0]
 
 
 def assert_one_error_line(p, code=2):
@@ -42,33 +61,51 @@ def assert_one_error_line(p, code=2):
     return lines[0]
 
 
+def assert_no_warnings(p):
+    """Nothing on stderr looks like a Python warning ("UserWarning:", "FutureWarning:", ...)."""
+    assert "Warning" not in p.stderr, p.stderr[-3000:]
+
+
+def assert_same_losses(ref, other, terms, steps=3, rel=1e-4):
+    """The first `steps` log rows of two runs agree: loss and each term to `rel`, step, epoch, lr."""
+    a, b = train_rows(ref)[:steps], train_rows(other)[:steps]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        assert (ra["epoch"], ra["lr"]) == (rb["epoch"], rb["lr"]), (ra, rb)
+        for k in ("loss", *terms):
+            assert math.isfinite(ra[k]) and math.isclose(ra[k], rb[k], rel_tol=rel, abs_tol=1e-7), (k, ra, rb)
+
+
 def write_png(path, seed):
-    g = torch.Generator().manual_seed(seed)
+    rgb = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.io.write_png(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g), str(path))
+    Image.fromarray(rgb).save(path)
 
 # ----------------------------------------------------------------------------- 1. a short real run
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained") / "out"
-    p = run(TRAIN + ["--out", out])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out, p
+    """10 steps with a constant lr on one process, k = 2 (also section 6's one-process reference for k = 2)."""
+    return run_ok(tmp_path_factory, "trained", TRAIN)
 
 
 def test_short_run(trained):
+    """A run writes its files, logs each step and diagnostics, lowers the loss, exports a loadable
+    backbone and Fig. 3's picture, and states its settings in the header."""
     out, p = trained
     assert "Traceback" not in p.stderr
-    for name in ("log.jsonl", "checkpoint.pt", "backbone.pt", "wp.png"):
-        assert (out / name).is_file(), name
-    assert not list(out.glob("*.tmp*"))
+    assert_no_warnings(p)
+    head = header(p)
+    assert head.startswith("decorr | resnet18 64-64 | synthetic: 5000 images,"), head
+    assert "| batch 32 on 1 x cpu | partitions 2 of 16 images | amp none" in head, head
+    assert sorted(os.listdir(out)) == FILES                 # no temporary file left
 
     log = rows(out)
     tr = [r for r in log if "loss" in r]
     assert [r["step"] for r in tr] == list(range(1, 11))
     for r in tr:
-        assert TRAIN_KEYS <= r.keys(), r
+        assert {"epoch", "step", "loss", "inv", "cov", "lr"} <= r.keys(), r
         assert r["epoch"] == 0
         assert all(math.isfinite(r[k]) for k in ("loss", "inv", "cov", "lr")), r
         assert r["lr"] > 0
@@ -79,14 +116,15 @@ def test_short_run(trained):
     diag = [r for r in log if "corr_dist" in r]
     assert [r["step"] for r in diag] == [5, 10]               # --diag-every 5
     for r in diag:
-        assert DIAG_KEYS <= r.keys(), r
-        assert all(math.isfinite(r[k]) for k in DIAG_KEYS), r
+        assert DIAG_KEYS | {"wp_offdiag"} <= r.keys(), r
+        assert all(math.isfinite(r[k]) for k in DIAG_KEYS | {"wp_offdiag"}), r
         assert 0 <= r["knn_top1"] <= 100
         assert 1 <= r["eff_rank_proj"] <= 64 + 1e-3
         assert r["feat_std"] > 0
 
     ckpt = decorr.load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["step"] == 10 and ckpt["args"]["proj"] == "64-64"
+    assert ckpt["step"] == 10 and ckpt["args"]["proj"] == "64-64" and ckpt["args"]["partitions"] == 2
+    assert "rng" not in ckpt                                  # nothing random is drawn after the init
 
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -96,9 +134,9 @@ def test_short_run(trained):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert torch.equal(net.conv1.weight, ckpt["model"]["backbone.conv1.weight"])
 
-    img = torchvision.io.decode_png(torchvision.io.read_file(str(out / "wp.png")))
-    assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 256, 516)
-    assert img.float().std() > 0
+    with Image.open(out / "wp.png") as img:
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (516, 256)
+        assert any(lo < hi for lo, hi in img.getextrema())   # not a blank picture
 
 # ----------------------------------------------------------------------------- 2. bad input
 
@@ -133,24 +171,30 @@ EXPECT = {"proj-abc": "--proj", "proj-zero": "--proj", "partitions": "--partitio
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input(case, tmp_path):
+    """Bad arguments or data: one line on stderr, exit code 2, nothing written."""
     out = tmp_path / "out"
     args = SMALL + ["--steps", "1"] + BAD[case](tmp_path) + ["--out", out]
     line = assert_one_error_line(run(args, timeout=120))
     assert EXPECT[case] in line, line
-    assert not out.exists()                                  # nothing written for bad input
-
-
-def test_partitions_not_a_multiple_of_world_size(tmp_path):
-    # as torchrun would set it for 2 processes: the check comes before any process group starts
-    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    out = tmp_path / "out"
-    p = run(SMALL + ["--steps", "1", "--partitions", "3", "--batch-size", "30", "--out", out], timeout=120, env=env)
-    line = assert_one_error_line(p)
-    assert "--partitions 3 is not a multiple of the world size 2" in line, line
     assert not out.exists()
 
 
+def test_batch_not_splitting_over_processes(tmp_path, monkeypatch):
+    """--batch-size must split over the processes (one line, before any process group starts); k need
+    not be a multiple of the number of processes."""
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")      # as torchrun sets it for rank 0
+    out = tmp_path / "out"
+    p = run(SMALL + ["--steps", "1", "--batch-size", "33", "--partitions", "3", "--out", out], timeout=120, env=env)
+    line = assert_one_error_line(p)
+    assert "--batch-size 33 does not split over 2 processes" in line, line
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert decorr.parse_args(["--batch-size", "30", "--partitions", "3"]).partitions == 3
+    assert decorr.parse_args(["--batch-size", "30"]).partitions == 2                  # default: WORLD_SIZE
+
+
 def test_garbage_checkpoint_is_kept(tmp_path):
+    """A checkpoint that is not one: one line naming it and --fresh; the file stays, nothing is added."""
     out = tmp_path / "out"
     out.mkdir()
     junk = b"\x80\x32" + bytes(range(256)) * 20         # starts like a pickle of protocol 50
@@ -162,6 +206,7 @@ def test_garbage_checkpoint_is_kept(tmp_path):
 
 
 def test_truncated_checkpoint_is_kept(trained, tmp_path):
+    """A truncated checkpoint: one line; the checkpoint and the log are left as they were."""
     out = tmp_path / "out"
     out.mkdir()
     data = (trained[0] / "checkpoint.pt").read_bytes()
@@ -174,29 +219,29 @@ def test_truncated_checkpoint_is_kept(trained, tmp_path):
     assert (out / "log.jsonl").read_bytes() == log
 
 
-def test_resume_with_other_proj(trained, tmp_path):
+def _resume_refused(trained, tmp_path, args):
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(trained[0] / "checkpoint.pt", out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
-    args = [a if a != "64-64" else "32-32" for a in TRAIN]
     line = assert_one_error_line(run(args + ["--out", out], timeout=120))
-    assert "--proj 64-64 -> 32-32" in line, line
-    assert "--lr" not in line and "--batch-size" not in line  # only what differs is named
     assert (out / "checkpoint.pt").read_bytes() == before
+    assert os.listdir(out) == ["checkpoint.pt"]
+    return line
 
 
-def test_corrupt_image(tmp_path):
-    data = _folder(tmp_path, ("train", "val"), images=True)
-    bad = data / "train" / "a" / "x.png"
-    bad.write_bytes(b"\x89PNG not really" + os.urandom(100))
-    out = tmp_path / "out"
-    p = run(["--data", data, "--arch", "resnet18", "--img-size", "32", "--batch-size", "2",
-             "--proj", "64-64", "--amp", "none", "--workers", "0", "--epochs", "1", "--steps", "1",
-             "--out", out], timeout=120)
-    line = assert_one_error_line(p)
-    assert str(bad) in line, line
-    assert not out.exists(), f"bad data wrote {os.listdir(out)} (images read after {out} is made)"
+def test_resume_with_other_proj(trained, tmp_path):
+    """Resuming with another run-defining setting is refused, naming only what differs."""
+    line = _resume_refused(trained, tmp_path, [a if a != "64-64" else "32-32" for a in TRAIN])
+    assert "--proj 64-64 -> 32-32" in line, line
+    assert "--lr" not in line and "--batch-size" not in line and "--loss" not in line
+
+
+def test_resume_with_other_loss(trained, tmp_path):
+    """--loss is run-defining: resuming a decorr run with --loss vicreg is refused."""
+    line = _resume_refused(trained, tmp_path, TRAIN + ["--loss", "vicreg"])
+    assert "--loss decorr -> vicreg" in line, line
+    assert "--proj" not in line and "--lr" not in line
 
 # ----------------------------------------------------------------------------- 3. resume after SIGTERM
 
@@ -205,14 +250,13 @@ RESUME = SMALL + ["--steps", "6", "--seed", "1"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Run A: 6 steps without interruption (also the fp32 eager reference of test 7)."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "a"
-    p = run(RESUME + ["--out", out])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+    """Run A: 6 steps without interruption (also the fp32 eager reference of section 8)."""
+    return run_ok(tmp_path_factory, "uninterrupted", RESUME)[0]
 
 
 def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """SIGTERM checkpoints and stops; resuming gives bitwise the uninterrupted run; --fresh moves the
+    old checkpoint and log aside."""
     a, b = uninterrupted, tmp_path / "b"
     with open(tmp_path / "b.stdout", "w") as so, open(tmp_path / "b.stderr", "w") as se:
         proc = subprocess.Popen([sys.executable, "decorr.py", *map(str, RESUME + ["--out", b])],
@@ -278,6 +322,7 @@ print("not reached")
 
 
 def test_atomic_write_survives_kill(tmp_path):
+    """A kill between writing and renaming leaves the old checkpoint complete."""
     path = tmp_path / "checkpoint.pt"
     old = dict(model=torch.arange(10.0), step=3)
     decorr.atomic_write(str(path), lambda fh: torch.save(old, fh))
@@ -311,6 +356,7 @@ exec(compile(block, decorr.__file__, "exec"), ns)
 
 
 def test_nan_loss_stops_with_last_checkpoint(tmp_path):
+    """A non-finite loss stops the run with one line naming the step and the last good checkpoint."""
     out = tmp_path / "out"
     p = run(SMALL + ["--steps", "8", "--save-every-steps", "2", "--out", out],
             script=("-c", NAN_FROM_4TH_CALL), timeout=300)
@@ -326,34 +372,179 @@ def test_nan_loss_stops_with_last_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- 6. torchrun, 2 processes
 
 
-def test_torchrun_two_processes(tmp_path):
-    losses = []
-    for i in range(3):
-        out = tmp_path / f"out{i}"
-        p = run(["--standalone", "--nproc_per_node=2", "decorr.py", "--steps", "3", "--batch-size", "32",
-                 "--partitions", "2", "--proj", "64-64", "--amp", "none", "--workers", "0", "--log-every", "1",
-                 "--out", out], script=("-m", "torch.distributed.run"), timeout=400)
-        assert p.returncode == 0, (i, p.stdout[-3000:], p.stderr[-3000:])
-        assert "terminate called" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
-        assert p.stdout.count("done at step 3") == 1                 # rank 0 speaks, rank 1 does not
-        assert sorted(os.listdir(out)) == ["backbone.pt", "checkpoint.pt", "log.jsonl", "wp.png"]
-        log = rows(out)
-        assert log[-1] == {"step": 3, "ranks_in_sync": True}
-        tr = [r for r in log if "loss" in r]
-        assert [r["step"] for r in tr] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in tr)
-        ckpt = decorr.load_checkpoint(out / "checkpoint.pt")
-        assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
-        losses.append([r["loss"] for r in tr])
-    assert losses[0] == losses[1] == losses[2]                      # same seed, same run
+@pytest.fixture(scope="module")
+def single_k1(tmp_path_factory):
+    """3 steps on one process, no --partitions (so k = 1)."""
+    return run_ok(tmp_path_factory, "single_k1", WORLD)
 
-# ----------------------------------------------------------------------------- 7. bf16 autocast, compile
+
+@pytest.fixture(scope="module")
+def double_k1(tmp_path_factory):
+    """The same 3 steps on 2 processes with --partitions 1: the one part spans both ranks."""
+    return run_ok(tmp_path_factory, "double_k1", WORLD + ["--partitions", "1"], script=TORCHRUN)
+
+
+@pytest.fixture(scope="module")
+def double_default(tmp_path_factory):
+    """The same 3 steps on 2 processes without --partitions (so k = 2, one part per rank)."""
+    return run_ok(tmp_path_factory, "double_default", WORLD, script=TORCHRUN)
+
+
+def test_default_partitions_one_per_process(single_k1, double_default):
+    """Without --partitions, k is the number of processes: 1 for python, 2 under torchrun."""
+    assert "| batch 32 on 1 x cpu | partitions 1 of 32 images |" in header(single_k1[1]), header(single_k1[1])
+    assert "| batch 32 on 2 x cpu | partitions 2 of 16 images |" in header(double_default[1]), header(double_default[1])
+    assert decorr.load_checkpoint(single_k1[0] / "checkpoint.pt")["args"]["partitions"] == 1
+    assert decorr.load_checkpoint(double_default[0] / "checkpoint.pt")["args"]["partitions"] == 2
+
+
+@pytest.mark.parametrize("name", ["single_k1", "double_default"])
+def test_no_warnings(name, request):
+    """A short run prints no Python warning, on one process or two (torchrun's own notice about
+    OMP_NUM_THREADS is all that may come on stderr)."""
+    out, p = request.getfixturevalue(name)
+    assert_no_warnings(p)
+    if name.startswith("double"):
+        other = [l for l in p.stderr.splitlines()
+                 if l.strip() and set(l.strip()) != {"*"} and not l.startswith("Setting OMP_NUM_THREADS")]
+        assert not other, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["double_k1", "double_default"])
+def test_torchrun_two_processes(name, request):
+    """Under torchrun: rank 0 alone speaks and writes (one header, one row per step), the checkpoint
+    and log are those of the 3 steps."""
+    out, p = request.getfixturevalue(name)
+    assert "terminate called" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stdout.count("done at step 3") == 1
+    assert p.stdout.count(" | amp none") == 1                 # one header
+    assert sorted(os.listdir(out)) == FILES
+    assert [r["step"] for r in rows(out) if "corr_dist" in r] == [3]
+    tr = train_rows(out)
+    assert [r["step"] for r in tr] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in tr)
+    ckpt = decorr.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 3 and "rng" not in ckpt
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_world_size_invariance(k, request):
+    """The same command logs the same losses on 1 and 2 processes (rows of the global batch split
+    over ranks, views a function of the image), for a part spanning ranks (k = 1) or one per rank."""
+    ref, other = ("single_k1", "double_k1") if k == 1 else ("trained", "double_default")
+    assert_same_losses(request.getfixturevalue(ref)[0], request.getfixturevalue(other)[0], TERMS["decorr"])
+
+
+def test_world_size_same_weights(single_k1, double_k1):
+    """After 3 steps, 1 and 2 processes hold the same weights and BatchNorm statistics: each tensor
+    differs by under 2% of how far it moved from the initial weights (float rounding: <= 0.3%)."""
+    a = decorr.load_checkpoint(single_k1[0] / "checkpoint.pt")["model"]
+    b = decorr.load_checkpoint(double_k1[0] / "checkpoint.pt")["model"]
+    torch.manual_seed(0)                                      # the script's initial weights (--seed 0)
+    init = decorr.Model(decorr.parse_args(WORLD)).state_dict()
+    assert a.keys() == b.keys() == init.keys()
+    for k, w0 in init.items():
+        if not w0.is_floating_point():
+            assert torch.equal(a[k], b[k]), k                 # num_batches_tracked
+            continue
+        moved = (a[k] - w0).norm().item()
+        assert moved > 0, k                                   # every tensor trains
+        assert (b[k] - a[k]).norm().item() <= 0.02 * moved, (k, moved, (b[k] - a[k]).norm().item())
+        if w0.dim() > 1:                                      # LARS moves a matrix by ~1% in 3 steps, so
+            assert moved <= 0.05 * w0.norm().item(), k        # init really is the run's starting point
+
+
+def test_two_process_forward_deterministic(double_k1, double_default):
+    """Both 2-process runs start from the same weights and views: step 1's invariance term (which
+    does not depend on k) is bitwise the same."""
+    assert train_rows(double_k1[0])[0]["inv"] == train_rows(double_default[0])[0]["inv"]
+
+# ----------------------------------------------------------------------------- 7. baselines
+
+# A constant lr that lowers each loss within 6 steps: Barlow Twins at the default 0.3 (its 3-step mean
+# halves); VICReg with the official coefficients (sim 25, std 25, cov 1) stays flat for 15 steps at any
+# lr tried (0.3 to 10; its sim and std terms balance at the initial scale), with sim coef 5 and lr 3.0
+# its std term falls and the 3-step mean with it (by ~10%).
+BASELINE = SMALL + ["--epochs", "1", "--warmup-epochs", "0", "--diag-every", "3"]
+BASELINE_ARGS = {"barlowtwins": ["--loss", "barlowtwins"],
+                 "vicreg": ["--loss", "vicreg", "--lr", "3.0", "--inv-coef", "5"]}
+
+
+@pytest.fixture(scope="module", params=list(BASELINE_ARGS))
+def loss_name(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def baseline_single(loss_name, tmp_path_factory):
+    """6 steps of a baseline on one process."""
+    return run_ok(tmp_path_factory, f"{loss_name}_single", BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "6"])
+
+
+@pytest.fixture(scope="module")
+def baseline_double(loss_name, tmp_path_factory):
+    """The first 2 of those steps on 2 processes."""
+    return run_ok(tmp_path_factory, f"{loss_name}_double", BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "2"],
+                  script=TORCHRUN)
+
+
+def test_baseline_trains(loss_name, baseline_single):
+    """--loss barlowtwins / vicreg: the loss falls, rows carry the loss's own terms, no predictor
+    (no wp.png, no wp_offdiag, no predictor weights), the header names the loss and no partitions."""
+    out, p = baseline_single
+    assert_no_warnings(p)
+    head = header(p)
+    assert head.startswith(f"{loss_name} | resnet18 64-64 |") and "partitions" not in head, head
+    assert sorted(os.listdir(out)) == ["backbone.pt", "checkpoint.pt", "log.jsonl"]
+    others = {t for terms in TERMS.values() for t in terms} - set(TERMS[loss_name])
+    tr = train_rows(out)
+    assert [r["step"] for r in tr] == list(range(1, 7))
+    for r in tr:
+        assert {"loss", *TERMS[loss_name]} <= r.keys() and not others & r.keys(), r
+        assert all(math.isfinite(r[k]) for k in ("loss", *TERMS[loss_name])), r
+    losses = [r["loss"] for r in tr]
+    assert sum(losses[3:]) < 0.95 * sum(losses[:3]), losses   # batch-to-batch noise is large: 3-step means
+    diag = [r for r in rows(out) if "corr_dist" in r]
+    assert [r["step"] for r in diag] == [3, 6]
+    for r in diag:
+        assert DIAG_KEYS <= r.keys() and "wp_offdiag" not in r, r
+    ckpt = decorr.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["args"]["loss"] == loss_name and ckpt["step"] == 6
+    assert not [k for k in ckpt["model"] if k.startswith("predictor")]
+    assert p.stdout.splitlines()[-1].startswith("done at step 6")
+
+
+def test_baseline_world_size_invariance(loss_name, baseline_single, baseline_double):
+    """A baseline logs the same losses and terms on 1 and 2 processes. Two steps (step 2 follows the
+    first update): Barlow Twins amplifies float rounding ~50x a step: at step 3 even one process
+    run with 1 thread and with 2 threads differs by 5e-4."""
+    out, p = baseline_double
+    assert "Traceback" not in p.stderr and p.stdout.count("done at step 2") == 1
+    assert sorted(os.listdir(out)) == ["backbone.pt", "checkpoint.pt", "log.jsonl"]
+    assert_same_losses(baseline_single[0], out, TERMS[loss_name], steps=2)
+
+
+def test_baseline_lineval(loss_name, baseline_single):
+    """lineval.py reads a baseline's backbone.pt (the run's settings from its checkpoint) and ends
+    with a JSON line holding the probe's top-1."""
+    out = baseline_single[0]
+    p = run([out / "backbone.pt", "--fast-epochs", "2", "--limit", "256", "--amp", "none", "--workers", "0"],
+            script=("lineval.py",), timeout=300)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert_no_warnings(p)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["ckpt"] == str(out / "backbone.pt") and not res["random_init"]
+    assert (res["arch"], res["small_stem"], res["data"], res["n_train"]) == ("resnet18", True, "synthetic", 256)
+    assert 0 <= res["top1"] <= 100 and res["epochs"] == 2
+
+# ----------------------------------------------------------------------------- 8. bf16 autocast, compile
 
 
 def test_bf16_close_to_fp32(uninterrupted, tmp_path):
+    """--amp bf16 really autocasts and stays within 10% of the float32 losses."""
     out = tmp_path / "bf16"
     p = run([a if a != "none" else "bf16" for a in RESUME[:-4]] + ["--steps", "3", "--seed", "1", "--out", out])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "amp bf16" in p.stdout.splitlines()[0]
+    assert "amp bf16" in header(p)
     bf16, fp32 = [r["loss"] for r in train_rows(out)], [r["loss"] for r in train_rows(uninterrupted)][:3]
     assert len(bf16) == 3 and all(math.isfinite(x) for x in bf16), bf16
     assert bf16 != fp32                                   # autocast is really on
@@ -362,10 +553,11 @@ def test_bf16_close_to_fp32(uninterrupted, tmp_path):
 
 
 def test_compile_one_step(uninterrupted, tmp_path):
+    """--compile runs a step and computes the eager loss."""
     out = tmp_path / "out"
     p = run(RESUME[:-4] + ["--seed", "1", "--compile", "--steps", "1", "--out", out], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "compile" in p.stdout.splitlines()[0]
+    assert "compile" in header(p)
     tr = train_rows(out)
     assert [r["step"] for r in tr] == [1] and math.isfinite(tr[0]["loss"])
     assert abs(tr[0]["loss"] - train_rows(uninterrupted)[0]["loss"]) <= 1e-4 * abs(tr[0]["loss"])

@@ -1,782 +1,618 @@
 """
-bench.py -- how fast and how lean is decorr.py's loss, and what share of a training step is it?
+bench.py -- how fast and how lean is decorr.py: its loss, a training step, its data path, and
+partitions that span processes.
 
-    python bench.py loss  [--dims 2048,4096[,8192]] [--parts 1,8,32] [--rows 1024] [--json PATH]
+    python bench.py loss  [--dims 2048,4096] [--parts 1,8,32] [--rows 1024]
     python bench.py train [--projs 4096-256,2048-2048-2048,8192-8192-8192] [--arch resnet18]
-                          [--img-size 32] [--batch 64] [--amp bf16|fp16|none] [--compile] [--json PATH]
+                          [--img-size 32] [--batch 64] [--parts 1] [--amp bf16|fp16|none]
+    python bench.py data  [--batch 256] [--threads N] [--workers N] [--folder-size 224]
+    python bench.py parts [--world 8] [--batch 2048] [--dims 2048] [--parts 1,2,8]
+    each: [--warmup N] [--repeats N] [--json PATH]; loss, train, data: [--max-time S], on CUDA if any
 
-loss   decorr.decorr_loss against algorithm1() below, a transcription of the paper's Algorithm 1
-       (appendix F), for every D x parts: forward + backward time (median of repeats after a
-       warm-up), peak memory, and the matmul bound, the time of the bare float32 products that
-       decorr_loss cannot avoid, timed on the same machine in the same run (time / bound = 1 is
-       the limit). Both losses are also evaluated on the same inputs and their values compared.
-train  images/s (an image = a pair of views) and peak memory of a training step (forward,
-       backward, plain SGD step, no momentum) per projector, in three variants: "decorr" (the
-       model as decorr.py trains it), "algorithm1" (the head replaced by algorithm1()) and
-       "no head" (backbone + projector, loss = sum of the outputs). head share =
-       (t_variant - t_nohead) / t_variant.
+loss   decorr_loss against algorithm1() (the paper's Algorithm 1, part by part) and the matmul
+       bound (the bare products decorr_loss cannot avoid): forward + backward time, peak memory,
+       and how far apart their values are, per D x parts.
+train  training steps of decorr.Model per projector, in one process with k = --parts: the model
+       as decorr.py trains it ("decorr"), with algorithm1() as its head, and with no head.
+data   the augmentation alone: decorr.batches on 32-px images in memory against torchvision's
+       per-sample pipeline, decorr.batches on a folder of generated JPEGs, and the default run's
+       training step beside them. The last line of stdout is a JSON object with speedup_32px.
+parts  --world gloo processes, forward + backward of decorr_loss with k parts of the global
+       batch: time, and bytes sent by each rank (computed from the layout, and counted).
 
-Each loss configuration, and each projector of `train` (its three variants together), runs in a
-fresh subprocess (`python bench.py _one SPEC`). Functions measured together are timed in rounds
-(decorr_loss and its bound; the three training variants), so that a shared machine's changing
-load hits them alike. A measurement is the median of up to --repeats / --steps runs after
---warmup runs, and stops early once --max-time seconds of runs are spent (at least one run); a
-warm-up of --max-time or more is itself the one run (JSON: warmup_counted).
-
-Peak memory is measured in a function's first run: torch.cuda.max_memory_allocated on a GPU; on a
-CPU the peak resident set size (VmHWM, reset just before) minus the resident size then, with glibc
-mapping every block of 64 KiB or more on allocation and unmapping it on free, so that RSS follows
-the live tensors (mmap_threshold()); later runs use the 32 MiB threshold where glibc's default
-settles. On a CPU a configuration whose predicted peak exceeds --mem-cap is not run and is
-reported as OOM* (predicted); a child also gets an address-space limit of what it has + --mem-cap,
-so that a wrong prediction ends in OOM, not in a machine out of memory. The load average before
-and after a run is in the notes and the JSON: timings are only as good as the machine's idleness.
-
-Defaults: on a CPU ResNet-18 at 32 px, 64 images per step; on a GPU the paper's ResNet-50 at
-224 px, 256 images per GPU. Output: a markdown table on stdout, progress on stderr, and with
---json PATH a JSON file with the settings, the machine and every measurement.
+Each function is run --warmup times untimed, then the functions measured together take turns, one
+timed run each per round, for --repeats rounds or until --max-time seconds are spent (at least one
+round). loss and train first measure peak memory, in two more runs of each (see peak_bytes).
+Output: a markdown table and notes on stdout, progress on stderr, all of it as JSON with --json.
 """
-import argparse, json, math, os, platform, resource, signal, statistics, subprocess, sys, time
+import argparse, contextlib, json, math, os, platform, statistics, sys, tempfile, time
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms import v2
 
 import decorr
-from decorr import Parser, UsageError
+from decorr import UsageError
 
-GiB, MiB = 2**30, 2**20
+MiB = 2**20
+PAPER = dict(batch=2048, world=8, dims=(2048, 8192), parts=(1, 2, 8))   # sec. 5.1, Table 5
 
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 # ----------------------------------------------------------------------------- the reference
 
-def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, wtw_per_part=False):
-    """REFERENCE: Algorithm 1 of the paper (appendix F), part by part, as plain autograd code;
-    returns (loss, inv, cov) normalised as decorr.decorr_loss. Part j (rows j*m:(j+1)*m) plays
-    one GPU of Algorithm 1; data-parallel training averages the parts' losses, so inv and cov
-    are means over parts (the mean of the per-part inv means is the whole batch's inv). W^T W is
-    the same for every part and is computed once (wtw_per_part=True recomputes it per part, as
-    k GPUs would: parts x D^3 more work, the same values). Float32, autocast off, like decorr_loss."""
+def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0):
+    """REFERENCE: the paper's Algorithm 1 (appendix F) written out part by part in one process;
+    returns (loss, inv, cov) normalised as decorr.decorr_loss. Part j (rows j m:(j+1) m) plays one
+    GPU of Algorithm 1 and data-parallel training averages the GPUs' losses, so inv and cov are
+    means over parts. W^T W is the same for every part and is computed once (k GPUs compute it k
+    times): the stricter comparison. Float32 with autocast off, like decorr_loss."""
     with torch.autocast(f1.device.type, enabled=False):
         f1, f2, w = f1.float(), f2.float(), w.float()
-        n, D = f1.shape
-        if n % parts:
-            raise UsageError(f"{n} rows do not split into {parts} equal parts")
-        m = n // parts
-        wtw = None if wtw_per_part else w.T @ w
-        inv = cov = 0.0
+        (n, D), wtw = f1.shape, w.T @ w
+        m, inv, cov = n // parts, 0.0, 0.0
         for j in range(parts):
             a, b = f1[j * m:(j + 1) * m], f2[j * m:(j + 1) * m]
             p1, p2 = a @ w.T, b @ w.T
-            inv_j = (p1 - b).pow(2).mean() + (p2 - a).pow(2).mean()
-            wtw_j = w.T @ w if wtw_per_part else wtw
-            cov1 = p1.T @ p1 / m
-            cov2 = p2.T @ p2 / m
-            cov_j = (cov1 - wtw_j).pow(2).sum() + (cov2 - wtw_j).pow(2).sum()
-            inv, cov = inv + inv_j / parts, cov + cov_j / parts
-        loss = inv_coef * inv + cov_coef / D * cov
-    return loss, inv, cov
-
-
-def check_reference(n=64, D=48, parts=4, inv_coef=25.0, cov_coef=2.0):
-    """decorr_loss and algorithm1 agree (values and gradients) at a small size, so that the
-    reference is trustworthy. Returns the largest relative difference."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, D, generator=g)
-    f1 = decorr.standardize(x)
-    f2 = decorr.standardize(x + 0.7 * torch.randn(n, D, generator=g))
-    w0 = (torch.rand(D, D, generator=g) * 2 - 1) / math.sqrt(D)
-    outs = []
-    for fn in (decorr.decorr_loss, algorithm1):
-        a, b, w = [t.clone().requires_grad_() for t in (f1, f2, w0)]
-        loss, inv, cov = fn(a, b, w, parts, inv_coef, cov_coef)
-        loss.backward()
-        outs.append([loss, inv, cov, a.grad, b.grad, w.grad])
-    err = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item() for x, y in zip(*outs))
-    return dict(rows=n, D=D, parts=parts, max_rel_err=err, ok=err < 1e-4)
-
-# ----------------------------------------------------------------------------- measuring
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    """Seconds of fn(), or what fn returns where it times itself (a float)."""
-    sync(device)
-    t = time.perf_counter()
-    r = fn()
-    sync(device)
-    return r if isinstance(r, float) else time.perf_counter() - t
-
-
-def measure(fn, device, warmup, repeats, max_time):
-    """Median seconds of fn() over up to `repeats` runs after `warmup` runs; stops repeating once
-    max_time seconds are spent (at least one run); a warm-up run of max_time or more is used as
-    the measurement. Returns (median, times, warmup_counted)."""
-    r = measure_rounds(dict(fn=fn), device, warmup, repeats, max_time)["fn"]
-    return r["seconds"], r["times"], r["warmup_counted"]
-
-
-def measure_rounds(fns, device, warmup, repeats, max_time, before_first=None, after_first=None,
-                   compiling=False, lockstep=False):
-    """measure() for several functions {name: fn} at once: the warm-ups of each in turn, then
-    timed runs in rounds (one run of each function per round), so that all see the same load on
-    a shared machine. before_first(name) / after_first(name) bracket each function's first run
-    (to read its peak memory). A function that runs out of memory is dropped with status oom.
-    compiling=True: the first run compiles; it is never the measurement, and memory is read in the
-    second run. lockstep=True: the rounds end for all as soon as one function is done, so that
-    the functions timed in rounds have as many runs each (for per-round ratios).
-    Returns {name: dict(status, seconds, times, warmup_counted)}."""
-    out = {k: dict(status="ok", times=[], warmup_counted=False, runs=0) for k in fns}
-
-    def run(k):
-        first = out[k]["runs"] == (1 if compiling else 0)      # the run that measures memory
-        if first and before_first:
-            before_first(k)
-        try:
-            t = timed(fns[k], device)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            out[k].update(status="oom", error=str(e).strip().splitlines()[0][:200])
-            return None
-        finally:
-            if first and after_first:
-                after_first(k)
-        out[k]["runs"] += 1
-        return t
-
-    for k in fns:
-        for i in range(max(warmup, 1 if compiling else 0)):
-            t = run(k)
-            if t is None:
-                break
-            if t >= max_time and not (compiling and i == 0):
-                out[k].update(times=[t], warmup_counted=True)
-                break
-
-    def active(k):
-        r = out[k]
-        return (r["status"] == "ok" and not r["warmup_counted"] and len(r["times"]) < max(1, repeats)
-                and (not r["times"] or sum(r["times"]) < max_time))
-    timed_ = [k for k in fns if out[k]["status"] == "ok" and not out[k]["warmup_counted"]]
-    while any(active(k) for k in fns) and not (lockstep and not all(active(k) for k in timed_)):
-        for k in fns:
-            if active(k):
-                t = run(k)
-                if t is not None:
-                    out[k]["times"].append(t)
-    for r in out.values():
-        r["seconds"] = statistics.median(r["times"]) if r["status"] == "ok" else None
-        r["first_run_timed"] = r["warmup_counted"] or (warmup == 0 and not compiling)   # the memory run is timed
-        del r["runs"]
-    return out
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def vm_bytes():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def mmap_threshold(nbytes):
-    """glibc: blocks of nbytes or more are mapped when allocated and unmapped when freed
-    (mallopt M_MMAP_THRESHOLD, which also ends glibc's self-raising threshold), and free heap
-    memory goes back to the system (malloc_trim). True where it took effect.
-
-    By default glibc raises its threshold up to 32 MiB as mapped blocks are freed, and keeps freed
-    blocks below it in the heap: RSS then overstates what a process holds (2.7x for Algorithm 1 at
-    D = 2048, whose 16 MiB D x D matrices come and go). With 64 KiB, RSS follows the live tensors,
-    like torch.cuda.max_memory_allocated; 32 MiB is where glibc's default settles, used to time."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(-3, int(nbytes)) == 1 and libc.mallopt(-1, 2 * int(nbytes)) == 1   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
-class Peak:
-    """Peak memory from now on, in bytes beyond what is in use now: CUDA max allocated on a GPU;
-    on a CPU VmHWM (peak RSS, reset here; ru_maxrss where the reset is refused) with live-memory
-    allocation (mmap_threshold(64 KiB)) until done(), which sets glibc's default-like 32 MiB."""
-
-    def __init__(self, device):
-        self.device, self.value = device, None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
-            return
-        self.live = mmap_threshold(64 * 1024)
-        self.base = rss_bytes()
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-
-    def done(self):
-        """Reads the peak and ends live-memory allocation; returns the peak."""
-        self.value = self.bytes()
-        if self.device.type == "cpu":
-            mmap_threshold(32 * MiB)
-        return self.value
-
-    def bytes(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        if self.hwm:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024 - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
-
-
-def is_oom(e):
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    s = str(e).lower()
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in s or "out of memory" in s
-                                            or "cannot allocate memory" in s)
-
-# ----------------------------------------------------------------------------- one measurement (child)
+            inv = inv + ((p1 - b).pow(2).mean() + (p2 - a).pow(2).mean()) / parts
+            cov = cov + ((p1.T @ p1 / m - wtw).pow(2).sum() + (p2.T @ p2 / m - wtw).pow(2).sum()) / parts
+        return inv_coef * inv + cov_coef / D * cov, inv, cov
 
 def loss_inputs(n, D, device, seed=0):
-    """Standardized features of two correlated views and a predictor weight with nn.Linear's
+    """Standardized features of two correlated views, and a predictor weight in nn.Linear's
     default range (uniform +-1/sqrt(D)); all three require gradients, as in training."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g)
     f1 = decorr.standardize(x)
     f2 = decorr.standardize(x + 0.7 * torch.randn(n, D, generator=g))
     w = (torch.rand(D, D, generator=g) * 2 - 1) / math.sqrt(D)
-    del x
     return [t.to(device).requires_grad_() for t in (f1, f2, w)]
 
+# ----------------------------------------------------------------------------- measuring
+
+def run_timed(fn, device):
+    """Seconds of one fn(); a function that times itself returns its seconds (a float)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    r = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return r if isinstance(r, float) else time.perf_counter() - t
+
+def measure(fns, device, warmup, repeats, max_time):
+    """Times the functions of fns ({name: fn}) alike: `warmup` untimed runs of each, then rounds of
+    one timed run of each, until `repeats` rounds or until the rounds have taken max_time seconds
+    (at least one round), so that a shared machine's changing load hits them all. Returns
+    {name: [seconds of each timed run]}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            run_timed(fn, device)
+    times, start = {k: [] for k in fns}, time.perf_counter()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(run_timed(fn, device))
+        if time.perf_counter() - start >= max_time:
+            break
+    return times
+
+def glibc_mmap_threshold(nbytes):
+    """Makes glibc map every new block of nbytes or more when allocated and unmap it when freed, and
+    give back free heap memory (mallopt, malloc_trim). False where that is not possible."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(-3, nbytes) == 1 and libc.mallopt(-1, 2 * nbytes) == 1   # M_MMAP_, M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+@contextlib.contextmanager
+def live_memory(device):
+    """Where peak memory is measured: yields whether peak_bytes can be trusted. On a CPU, glibc maps
+    every block from 64 KiB up and unmaps it when freed, so that the resident set follows the live
+    tensors (by default it keeps freed blocks of up to 32 MiB for reuse: RSS then counts blocks no
+    longer in use, and a run that reuses them shows little growth). Measure before any timed run,
+    whose freed blocks would stay in the heap. Afterwards blocks from 32 MiB up are mapped (where
+    glibc's own threshold settles), for the timed runs: mapping every block made them 18-32 % slower."""
+    live = device.type == "cuda" or glibc_mmap_threshold(64 * 1024)
+    try:
+        yield live and (device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK))
+    finally:
+        if device.type == "cpu":
+            glibc_mmap_threshold(32 * MiB)
+
+def proc_status(key):                                   # VmRSS, VmHWM: bytes
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+
+def peak_bytes(fn, device):
+    """Runs fn() twice, inside live_memory, and returns the peak memory of the second run beyond what
+    was in use before it (the first run allocates what stays: library buffers and caches, 50-60 MiB
+    on a CPU): on a GPU torch.cuda.max_memory_allocated, on a CPU the growth of VmHWM, the peak RSS."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")                                           # VmHWM := VmRSS
+    base = proc_status("VmRSS")
+    fn()
+    return max(0, proc_status("VmHWM") - base)
+
+# ----------------------------------------------------------------------------- loss
 
 def bound_products(n, D, parts):
-    """The matrix products decorr_loss cannot avoid, forward and backward, as
-    (name, count, op, operand shapes): p = f W^T and q = p W^T for both views (forward, and the
-    backward products G W and G^T x), the per-part Gram P P^T (forward, and its two backward
-    products), W^T W (forward, and one backward product: decorr.GramSquare's 4 W (W^T W))."""
+    """The matrix products of decorr_loss's Gram form (parts of m < D rows) that no implementation
+    can avoid, forward and backward, as (count, op, shape a, shape b): p = f W^T and q = p W^T for
+    both views (forward, and the backward G W and G^T x of each), the parts' Gram matrices P P^T
+    (forward, and autograd's two backward products), W^T W (forward, and decorr.GramSquare's one
+    backward product 4 W (W^T W))."""
     m = n // parts
-    return [
-        ("f W^T, p W^T, their grad-input G W", 8, "mm", (n, D), (D, D)),
-        ("grad-weight G^T f, G^T p", 4, "mm", (D, n), (n, D)),
-        ("W^T W and its backward W (W^T W)", 2, "mm", (D, D), (D, D)),
-        ("Gram P P^T", 2, "bmm", (parts, m, D), (parts, D, m)),
-        ("Gram backward G P", 2, "bmm", (parts, m, m), (parts, m, D)),
-        ("Gram backward P^T G", 2, "bmm", (parts, D, m), (parts, m, m)),
-    ]
+    return [(8, "mm", (n, D), (D, D)), (4, "mm", (D, n), (n, D)), (2, "mm", (D, D), (D, D)),
+            (2, "bmm", (parts, m, D), (parts, D, m)), (2, "bmm", (parts, m, m), (parts, m, D)),
+            (2, "bmm", (parts, D, m), (parts, m, m))]
 
+def matmul_bound(n, D, parts, device):
+    """A function that times each product of bound_products once, on random operands, and returns
+    sum(count x seconds): the time decorr_loss would take if it did nothing else."""
+    products = bound_products(n, D, parts)
+    operands = [(torch.randn(*sa, device=device), torch.randn(*sb, device=device)) for _, _, sa, sb in products]
+    def bound():
+        return sum(count * run_timed(lambda: (torch.bmm if op == "bmm" else torch.mm)(a, b), device)
+                   for (count, op, _, _), (a, b) in zip(products, operands))
+    return bound
 
-class Bound:
-    """The matmul bound: calling it times each distinct bare float32 product once and returns
-    sum(count x seconds); self.last holds the products and their times. Operands are made on the
-    first call."""
+def loss_steps(a, D, k, device, values):
+    """{decorr_loss, algorithm1: forward + backward on fresh inputs, a.rows x D, k parts}; each run
+    leaves loss, inv and cov in values[name]."""
+    f1, f2, w = loss_inputs(a.rows, D, device)
 
-    def __init__(self, n, D, parts, device):
-        self.products, self.device, self.operands, self.last = bound_products(n, D, parts), device, None, None
+    def step_of(name, fn):
+        def step():
+            for t in (f1, f2, w):
+                t.grad = None
+            loss, inv, cov = fn(f1, f2, w, k)
+            loss.backward()
+            values[name] = dict(loss=loss.item(), inv=inv.item(), cov=cov.item())
+        return step
+    return dict(decorr_loss=step_of("decorr_loss", decorr.decorr_loss), algorithm1=step_of("algorithm1", algorithm1))
 
-    def __call__(self):
-        if self.operands is None:
-            self.operands = {(op, sa, sb): (torch.randn(*sa, device=self.device), torch.randn(*sb, device=self.device))
-                             for _, _, op, sa, sb in self.products}
-        total, self.last = 0.0, []
-        for name, count, op, sa, sb in self.products:
-            a, b = self.operands[op, sa, sb]
-            t = timed(lambda: (torch.bmm if op == "bmm" else torch.matmul)(a, b), self.device)
-            total += count * t
-            self.last.append(dict(product=name, count=count, shapes=[sa, sb], seconds_each=t))
-        return total
+def cmd_loss(a, device):
+    sizes, results, table = [(D, k) for D in a.dims for k in a.parts], [], []
+    with live_memory(device) as live:                 # peak memory first
+        peaks = {(D, k): {name: peak_bytes(fn, device) if live else None
+                          for name, fn in loss_steps(a, D, k, device, {}).items()} for D, k in sizes}
+    for D, k in sizes:
+        log(f"loss: D {D}, {k} parts, {a.rows} rows")
+        values, row = {}, dict(D=D, parts=k, rows=a.rows, decorr_loss={}, algorithm1={}, bound={})
+        fns = loss_steps(a, D, k, device, values)
+        if a.rows // k < D:                               # the bound counts the Gram form's products
+            fns["bound"] = matmul_bound(a.rows, D, k, device)
+        for name, times in measure(fns, device, a.warmup, a.repeats, a.max_time).items():
+            row[name].update(values.get(name, {}), times=times, seconds=statistics.median(times))
+        for name in peaks[D, k]:
+            row[name]["peak_bytes"] = peaks[D, k][name]
+        ours, ref, bound = row["decorr_loss"], row["algorithm1"], row["bound"].get("seconds")
+        mem = ours["peak_bytes"], ref["peak_bytes"]
+        row.update(speedup=ref["seconds"] / ours["seconds"], ours_over_bound=bound and ours["seconds"] / bound,
+                   ref_over_bound=bound and ref["seconds"] / bound, memory_ratio=mem[1] / mem[0] if all(mem) else None,
+                   rel_diff=max(abs(ours[q] - ref[q]) / abs(ref[q]) for q in ("loss", "inv", "cov")))
+        results.append(row)
+        table.append([D, k, ms(ours["seconds"]), ms(ref["seconds"]), f"{row['speedup']:.2f}", ms(bound),
+                      num(row["ours_over_bound"], ".2f"), num(row["ref_over_bound"], ".2f"), mib(mem[0]), mib(mem[1]),
+                      num(row["memory_ratio"], ".1f"), f"{row['rel_diff']:.1e}"])
+        del fns
+    headers = ["D", "parts", "decorr_loss ms", "Algorithm 1 ms", "speed-up", "matmul bound ms", "ours / bound",
+               "Alg. 1 / bound", "ours peak MiB", "Alg. 1 peak MiB", "memory ratio", "rel. diff"]
+    notes = [f"{a.rows} rows, float32, forward + backward, {device.type}; median of up to {a.repeats} rounds after "
+             f"{a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a run (peak_bytes). rel. "
+             "diff: of loss, inv and cov between decorr_loss and algorithm1 on the row's inputs (gradients: tests).",
+             "matmul bound: the bare float32 products of decorr_loss's Gram form (rows per part < D; '-' for the "
+             "D x D form), forward and backward, timed in the same rounds; ours / bound = 1 is the limit."]
+    return dict(results=results), md_table(headers, table), notes
 
+# ----------------------------------------------------------------------------- train
 
-def child_loss(s, device):
-    """Forward + backward of one loss; for decorr_loss the matmul bound is timed in the same
-    process, in alternation with the loss (ratio per round, median over rounds). Peak memory is
-    that of the loss's first run, before any bound operand exists."""
-    f1, f2, w = loss_inputs(s["rows"], s["D"], device)
-    if s["method"] == "decorr_loss":
-        fn = lambda: decorr.decorr_loss(f1, f2, w, s["parts"], s["inv_coef"], s["cov_coef"])
-    else:
-        fn = lambda: algorithm1(f1, f2, w, s["parts"], s["inv_coef"], s["cov_coef"], s["wtw_per_part"])
-    out, peak = {}, {}
-
-    def step():
-        for t in (f1, f2, w):
-            t.grad = None
-        loss, inv, cov = fn()
-        loss.backward()
-        out.update(loss=loss.item(), inv=inv.item(), cov=cov.item())
-
-    fns = dict(loss=step)
-    if s["method"] == "decorr_loss":
-        fns["bound"] = bound = Bound(s["rows"], s["D"], s["parts"], device)
-    r = measure_rounds(fns, device, s["warmup"], s["repeats"], s["max_time"],
-                       before_first=lambda k: k == "loss" and peak.setdefault(k, Peak(device)),
-                       after_first=lambda k: k == "loss" and peak[k].done(), lockstep=True)
-    if r["loss"]["status"] != "ok":
-        return dict(r["loss"], peak_bytes=None)
-    res = dict(r["loss"], peak_bytes=peak["loss"].value, live_memory=getattr(peak["loss"], "live", None),
-               **out)
-    if "bound" in r:
-        b = r["bound"]
-        res.update(bound_s=b["seconds"], bound_times=b["times"], bound_products=bound.last,
-                   over_bound=statistics.median(x / y for x, y in zip(res["times"], b["times"])))
-    return res
-
-
-class Step(nn.Module):
-    """One training-step loss for a decorr.Decorr model: variant decorr | algorithm1 | nohead."""
-
-    def __init__(self, model, variant):
-        super().__init__()
-        self.model, self.variant = model, variant
-
-    def forward(self, x1, x2):
-        m, a = self.model, self.model.args
-        if self.variant == "decorr":
-            return m(x1, x2)[0]
-        f1, f2 = m.projector(m.backbone(x1)), m.projector(m.backbone(x2))
-        if self.variant == "nohead":
-            return f1.float().sum() + f2.float().sum()
-        f1, f2 = decorr.standardize(f1), decorr.standardize(f2)
-        return algorithm1(f1, f2, m.predictor.weight, a.parts_per_device, a.inv_coef, a.cov_coef)[0]
-
-
-def child_train(s, device):
-    """Training steps of one decorr.Decorr model with each variant of the loss in turn (timed in
-    rounds, see measure_rounds). A variant's peak memory is that of its first step, from a
-    baseline of model, optimizer and inputs without gradients."""
+def train_steps(args, variants, device, amp):
+    """{variant: one training step} of a decorr.Model made from decorr.py's args, on fixed random
+    images: forward under autocast(amp), backward, a plain SGD update (no optimizer state), gradients
+    freed. Variants: decorr (the model's loss), algorithm1 (standardize + algorithm1 with
+    args.partitions), nohead (the sum of the projector's outputs)."""
     torch.manual_seed(0)
-    args = decorr.parse_args(["--arch", s["arch"], "--img-size", str(s["img_size"]), "--proj", s["proj"],
-                              "--batch-size", str(s["batch"]), "--partitions", str(s["parts"])])
-    model = decorr.Decorr(args).to(device)
+    model = decorr.Model(args).to(device)
     model.backbone.to(memory_format=torch.channels_last)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-5)                  # plain SGD, no momentum: no state
-    amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(s["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=s["amp"] == "fp16")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     g = torch.Generator().manual_seed(0)
-    x1, x2 = [torch.randn(s["batch"], 3, s["img_size"], s["img_size"], generator=g)
-              .to(device, memory_format=torch.channels_last) for _ in range(2)]
+    x1, x2 = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
+              .to(device, memory_format=torch.channels_last) for _ in range(2))
 
-    def make_step(variant):
-        mod = Step(model, variant)
-        run = torch.compile(mod) if s["compile"] else mod
+    def loss(variant):
+        if variant == "decorr":
+            return model(x1, x2)[0]
+        f1, f2 = (model.projector(model.backbone(x)) for x in (x1, x2))
+        if variant == "nohead":
+            return f1.float().sum() + f2.float().sum()
+        f1, f2 = decorr.standardize(f1), decorr.standardize(f2)
+        return algorithm1(f1, f2, model.predictor.weight, args.partitions, args.inv_coef, args.cov_coef)[0]
 
+    def step_of(variant):
         def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = run(x1, x2)
-            scaler.scale(loss).backward()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                value = loss(variant)
+            scaler.scale(value).backward()
             scaler.step(opt)
             scaler.update()
+            opt.zero_grad(set_to_none=True)
         return step
+    return {v: step_of(v) for v in variants}
 
-    peak = {}
+def cmd_train(a, device):
+    names = dict(decorr="decorr", algorithm1="algorithm1", nohead="no head")
+    results, table = [], []
+    args = {proj: decorr.parse_args(["--arch", a.arch, "--img-size", str(a.img_size), "--proj", proj,
+                                     "--batch-size", str(a.batch), "--partitions", str(a.parts)]) for proj in a.projs}
+    with live_memory(device) as live:                 # peak memory first
+        peaks = {proj: {v: peak_bytes(step, device) if live else None
+                        for v, step in train_steps(args[proj], names, device, a.amp).items()} for proj in a.projs}
+    for proj in a.projs:
+        log(f"train: {a.arch} {proj}, {a.img_size} px, batch {a.batch}, {a.parts} parts")
+        steps = train_steps(args[proj], names, device, a.amp)
+        times = measure(steps, device, a.warmup, a.repeats, a.max_time)
+        t0 = statistics.median(times["nohead"])
+        for v, name in names.items():
+            t = statistics.median(times[v])
+            share = (t - t0) / t if v != "nohead" else None
+            results.append(dict(proj=proj, variant=v, seconds=t, times=times[v], img_per_s=a.batch / t,
+                                peak_bytes=peaks[proj][v], head_share=share))
+            table.append([proj, name, f"{a.batch / t:.1f}", ms(t), mib(peaks[proj][v]),
+                          "-" if share is None else f"{100 * share:.0f}%", len(times[v])])
+        del steps
+    headers = ["projector", "variant", "images/s", "step ms", "peak MiB", "head share", "timed steps"]
+    notes = [f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, amp "
+             f"{a.amp}, {device.type}; a step is forward, backward and a plain SGD update; the three variants share "
+             f"one model and take turns; median of up to {a.repeats} steps after {a.warmup} warm-up (none after "
+             f"{a.max_time:g} s); peak: memory growth in a step (peak_bytes), gradients included. head = standardize + "
+             "predictor + loss; head share = (t - t_no_head) / t."]
+    return dict(results=results), md_table(headers, table), notes
 
-    def before_first(k):
-        opt.zero_grad(set_to_none=True)
-        peak[k] = Peak(device)
-    r = measure_rounds({v: make_step(v) for v in s["variants"]}, device, s["warmup"], s["steps"],
-                       s["max_time"], before_first, lambda k: peak[k].done(), compiling=s["compile"])
-    for k, v in r.items():
-        v.update(peak_bytes=peak[k].value if v["status"] == "ok" else None,
-                 live_memory=getattr(peak[k], "live", None),
-                 img_per_s=s["batch"] / v["seconds"] if v["status"] == "ok" else None)
-    return dict(variants=r)
+# ----------------------------------------------------------------------------- data
 
+def torchvision_view(solarize_p):
+    """One view by torchvision's per-sample reference pipeline on a uint8 image (BYOL / Barlow Twins
+    values, no blur at 32 px): the work decorr.resized_crops and decorr.colour do on batches."""
+    return v2.Compose([v2.RandomResizedCrop(32, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                       v2.RandomGrayscale(0.2), v2.RandomSolarize(128, p=solarize_p),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(decorr.MEAN, decorr.STD)])
 
-def child_main(spec):
-    """`bench.py _one SPEC`: one measurement; prints one JSON line (status ok | oom)."""
-    s = json.loads(spec)
-    device = torch.device(s["device"])
-    if device.type == "cpu" and s.get("mem_cap"):
-        torch.randn(512, 512) @ torch.randn(512, 512)   # start the thread pools before the limit
-        torch.randn(1 << 20).exp().sum()
-        limit = vm_bytes() + int(s["mem_cap"]) + 64 * MiB   # what exists + the cap + slack for stacks
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    run = dict(loss=child_loss, train=child_train)[s["kind"]]
+class PerSample(torch.utils.data.Dataset):
+    """Item i: image i % len(images) in two views, by torchvision_view with decorr.VIEWS' solarize
+    probabilities; endless, so that one iterator serves all batches."""
+
+    def __init__(self, images):
+        self.images, self.views = images, [torchvision_view(solarize_p) for _, solarize_p in decorr.VIEWS]
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, i):
+        return tuple(view(self.images[i % len(self.images)]) for view in self.views)
+
+def write_jpegs(root, n, seed=0):
+    """n JPEGs of 400 x 300 and 300 x 400 px (smooth random colours, noise) in class folders a/, b/."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        size = (300, 400) if i % 2 else (400, 300)
+        x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size, mode="bicubic")[0]
+        x = (x + 0.05 * torch.randn(3, *size, generator=g)).clamp(0, 1)
+        os.makedirs(os.path.join(root, "ab"[i % 2]), exist_ok=True)
+        v2.functional.to_pil_image(x).save(os.path.join(root, "ab"[i % 2], f"{i}.jpg"), quality=90)
+
+def data_times(batches, device, a):
+    """{name: seconds of each of up to --repeats consecutive batches} for the iterables of batches
+    in `batches` ({name: iterable}), after --warmup batches, in rounds; their iterators are ended
+    after, and with them any loader processes."""
+    its = {name: iter(b) for name, b in batches.items()}
     try:
-        out = dict(dict(status="ok"), **run(s, device))
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        out = dict(status="oom", error=str(e).strip().splitlines()[0][:200])
-    out["threads"] = torch.get_num_threads()
-    print(json.dumps(out), flush=True)
+        return measure({name: it.__next__ for name, it in its.items()}, device, a.warmup, a.repeats, a.max_time)
+    finally:
+        for it in its.values():
+            if hasattr(it, "close"):                  # a generator (decorr.batches)
+                it.close()
+        its.clear()                                   # a DataLoader iterator shuts its workers down
 
-# ----------------------------------------------------------------------------- running children
+def cmd_data(a, device):
+    torch.set_num_threads(a.threads)
+    B, T, W = a.batch, a.threads, a.workers
+    images, labels = decorr.synthetic_images(max(decorr.SYNTH_TRAIN, B), 0)
+    args32 = decorr.parse_args(["--batch-size", str(B)])          # the default run: 32 px, resnet18 4096-256
 
-def run_child(spec, log):
-    """Runs one measurement in a fresh process; a child killed by the kernel (SIGKILL) counts as
-    OOM, any other failure as an error with the child's last line of stderr."""
-    log(f"  {spec['kind']}: " + ", ".join(f"{k}={spec[k]}" for k in ("method", "variants", "proj", "D", "parts")
-                                         if k in spec))
-    t = time.time()
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "_one", json.dumps(spec)],
-                       capture_output=True, text=True)
-    wall = time.time() - t
-    lines = p.stdout.strip().splitlines()
-    if p.returncode == 0 and lines:
-        out = json.loads(lines[-1])
-    elif p.returncode in (-signal.SIGKILL, 137):
-        out = dict(status="oom", error="killed (out of memory?)")
-    else:
-        err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-        out = dict(status="error", error=err[:300])
-    out["wall_s"] = round(wall, 2)
-    if out["status"] != "ok":
-        log(f"    -> {out['status']}: {out.get('error', '')}")
-    return out
+    def row(pipeline, px, where, times):
+        log(f"data: {pipeline}, {px} px, {where}: {B * len(times) / sum(times):.0f} images/s")
+        return dict(pipeline=pipeline, px=px, where=where, seconds_per_batch=sum(times) / len(times),
+                    img_per_s=B * len(times) / sum(times), times=times)
+    # the two pipelines of this process take turns, under the same load; loader processes are timed
+    # alone, as they work ahead while anything else runs
+    t = data_times(dict(batched=decorr.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9),
+                        per_sample=DataLoader(PerSample(images), batch_size=B)), device, a)
+    rows = [row("decorr.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"]),
+            row("torchvision v2, per sample", 32, f"this process, {T} threads", t["per_sample"])]
+    t = data_times(dict(loaders=DataLoader(PerSample(images), batch_size=B, num_workers=T)), device, a)
+    rows.append(row("torchvision v2, per sample", 32, f"{T} loader process(es), 1 thread each", t["loaders"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(tmp, B)
+        args = decorr.parse_args(["--data", tmp, "--batch-size", str(B), "--img-size", str(a.folder_size),
+                                  "--workers", str(W)])
+        t = data_times(dict(folder=decorr.batches(decorr.Folder(tmp), False, args, device, 0, 10**9)), device, a)
+        rows.append(row("decorr.batches, JPEG folder", a.folder_size, f"{W} loader process(es), 1 thread each "
+                        f"(decode, crop) + this process (colour, {T} threads, {device.type})", t["folder"]))
 
+    log(f"data: training step of decorr.Model, resnet18 4096-256, 32 px, batch {B}, amp {a.amp}")
+    times = measure(train_steps(args32, ["decorr"], device, a.amp), device, a.warmup, a.repeats, a.max_time)["decorr"]
+    step = statistics.median(times)
+    batched, per_sample = rows[0], max(rows[1:3], key=lambda r: r["img_per_s"])
+    summary = dict(speedup_32px=batched["img_per_s"] / per_sample["img_per_s"], batched_img_per_s=batched["img_per_s"],
+                   per_sample_img_per_s=per_sample["img_per_s"], per_sample_where=per_sample["where"],
+                   folder_img_per_s=rows[3]["img_per_s"], folder_px=a.folder_size, train_img_per_s=B / step,
+                   step_s=step, batched_data_over_step=batched["seconds_per_batch"] / step, batch=B, threads=T,
+                   workers=W, amp=a.amp, device=device.type)
+    table = [[r["pipeline"], r["px"], r["where"], f"{r['img_per_s']:.0f}", ms(r["seconds_per_batch"]),
+              f"{r['seconds_per_batch'] / step:.3f}" if r["px"] == 32 else "-"] for r in rows]
+    table.append(["training step: decorr.Model resnet18 4096-256", 32, f"this process, {T} threads, {device.type}",
+                  f"{B / step:.1f}", ms(step), "1"])
+    headers = ["pipeline", "px", "where", "images/s", f"ms per batch of {B}", "data / step"]
+    notes = [f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
+             f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (forward, backward, SGD update): median, amp "
+             f"{a.amp}. data / step: decorr.py makes in-memory batches between steps, in the training process, so this "
+             "is the share they add to a step; loader processes work beside it (on the same cores), above 1 it waits.",
+             f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f} (target 4). "
+             f"JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is another model's."]
+    return dict(results=rows, train_step=dict(seconds=step, times=times), summary=summary), \
+        md_table(headers, table), notes
 
-def predict_loss_bytes(method, n, D, parts):
-    """Predicted peak bytes of one forward + backward beyond its inputs (fp32). Algorithm 1 keeps,
-    for autograd, cov_v - W^T W (D x D) of both views for every part until the backward pass;
-    decorr_loss keeps no D x D matrix per part, only W^T W and its gradients. Fitted to live-memory
-    measurements at D = 2048, 4096 (JSON: predicted_peak_bytes next to peak_bytes)."""
-    m = n // parts
-    if method == "algorithm1":
-        return 4 * ((2 * parts + 3) * D * D + 8 * n * D)
-    return 4 * (4 * D * D + 8 * n * D + 4 * parts * m * m)
+# ----------------------------------------------------------------------------- parts
 
+def parts_bytes(B, W, D, k):
+    """What decorr_loss sends per step and rank with k partitions of a global batch of B rows on W
+    processes, float32, if the collectives are ring algorithms (an all-gather or a reduce-scatter
+    of S bytes over g ranks sends (g-1)/g S from each, an all-reduce twice that). Returns
+    (g: ranks per group holding whole parts, form, bytes).
+    Gram form (part of m < D rows) over g > 1 ranks: per view, the forward all-gathers the group's
+    g n x D predictions, the backward reduce-scatters their gradient. D x D form (m >= D): per view
+    and part of the group, an all-reduce of its D x D matrix forward and of its gradient backward.
+    g = 1 (k a multiple of W; k = W is Algorithm 1's layout): nothing."""
+    n, m = B // W, B // k
+    g = math.lcm(n, m) // n
+    if m < D:
+        return g, "Gram", 2 * 2 * (g - 1) * n * D * 4
+    return g, "D x D", 2 * (g * n // m) * 2 * 2 * (g - 1) * D * D * 4 // g
 
-def input_bytes(n, D):
-    return 4 * (D * D + 2 * n * D)
+def count_collectives(sent):
+    """Makes the collectives decorr_loss calls (as dist.<name>) add to sent[0] the bytes this rank
+    sends in them, by the ring rule of parts_bytes: a count independent of parts_bytes' layout."""
+    size = lambda t: t.numel() * t.element_size()
+    rules = dict(all_reduce=lambda g, t: 2 * (g - 1) * size(t) / g,
+                 all_gather_single=lambda g, out, x: (g - 1) * size(x),
+                 reduce_scatter_single=lambda g, out, x: (g - 1) * size(out))
+    for name, rule in rules.items():
+        def counted(*args, _fn=getattr(dist, name), _rule=rule, **kw):
+            sent[0] += _rule(dist.get_world_size(kw.get("group")), *args)
+            return _fn(*args, **kw)
+        setattr(dist, name, counted)
 
+def parts_worker(rank, world, tmp, s):
+    """One of `world` gloo processes: rows [rank n, (rank+1) n) of standardized features, the same W
+    on every rank; per D and k: warm-up, one counted step, then timed steps between barriers (the
+    slowest rank's time). Rank 0 writes the results to tmp/result.json."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "store"), rank=rank, world_size=world)
+    sent, n, out = [0.0], s["batch"] // world, []
+    count_collectives(sent)
+    for D in s["dims"]:
+        g = torch.Generator().manual_seed(rank)
+        f1, f2 = (decorr.standardize(torch.randn(n, D, generator=g)).requires_grad_() for _ in range(2))
+        w = torch.eye(D) + torch.randn(D, D, generator=torch.Generator().manual_seed(0)) / (10 * math.sqrt(D))
+        w.requires_grad_()
+        for k in s["parts"]:
+            def step():                                   # between barriers: the slowest rank's time
+                for t in (f1, f2, w):
+                    t.grad = None
+                dist.barrier()
+                decorr.decorr_loss(f1, f2, w, parts=k)[0].backward()
+                dist.barrier()
+            for _ in range(s["warmup"]):
+                step()
+            sent[0], counted = 0.0, [None] * world
+            step()
+            dist.all_gather_object(counted, sent[0])
+            times = measure(dict(step=step), torch.device("cpu"), 0, s["repeats"], math.inf)["step"]
+            out.append(dict(D=D, parts=k, seconds=statistics.median(times), times=times, counted_bytes=max(counted)))
+            if rank == 0:
+                log(f"parts: D {D}, k {k}: {1e3 * out[-1]['seconds']:.0f} ms")
+        del f1, f2, w
+    if rank == 0:
+        with open(os.path.join(tmp, "result.json"), "w") as fh:
+            json.dump(out, fh)
+    dist.barrier()
+    dist.destroy_process_group()
 
-def predict_train_bytes(s):
-    """Model, gradients, the head's D x D work; activations left to the address-space limit."""
-    dims = decorr.parse_proj(s["proj"])
-    D = dims[-1]
-    params = 25e6 + sum(a * b for a, b in zip([2048] + dims, dims)) + D * D
-    head = predict_loss_bytes("algorithm1" if s["variant"] == "algorithm1" else "decorr_loss",
-                              s["batch"], D, s["parts"]) if s["variant"] != "nohead" else 0
-    return int(4 * 2 * params + head)
+def cmd_parts(a, device):
+    log(f"parts: {a.world} gloo processes, global batch {a.batch}, D {a.dims}, k {a.parts}")
+    spec = dict(batch=a.batch, dims=a.dims, parts=a.parts, warmup=a.warmup, repeats=a.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(parts_worker, args=(a.world, tmp, spec), nprocs=a.world, join=True)
+        with open(os.path.join(tmp, "result.json")) as fh:
+            measured = {(r["D"], r["parts"]): r for r in json.load(fh)}
+    sizes = [(a.world, a.batch, D, k) for D in a.dims for k in a.parts]
+    sizes += [s for s in ((PAPER["world"], PAPER["batch"], D, k) for D in PAPER["dims"] for k in PAPER["parts"])
+              if s not in sizes]
+    results, table = [], []
+    for W, B, D, k in sizes:
+        g, form, nbytes = parts_bytes(B, W, D, k)
+        r = measured.get((D, k)) if (W, B) == (a.world, a.batch) else None
+        at_w = measured.get((D, W)) if r else None
+        ddp = 2 * (W - 1) * D * D * 4 // W
+        results.append(dict(r or {}, world=W, batch=B, D=D, parts=k, ranks_per_part_group=g, form=form,
+                            bytes=nbytes, ddp_predictor_bytes=ddp))
+        table.append([W, B, B // W, D, k, B // k, g, form, f"{nbytes / MiB:.4g}",
+                      num(r and r["counted_bytes"] / MiB, ".4g"), f"{ddp / MiB:.4g}", ms(r and r["seconds"]),
+                      num(at_w and r["seconds"] / at_w["seconds"], ".2f")])
+    headers = ["W", "B", "n = B/W", "D", "k", "m = B/k", "ranks per part", "form", "MiB sent / rank / step",
+               "counted", "DDP grad of W, MiB", "ms fwd+bwd", "time / time at k=W"]
+    cpus, threads = os.cpu_count() or 1, max(1, (os.cpu_count() or 1) // a.world)
+    notes = [f"Rows with a time: {a.world} gloo processes of {threads} thread(s) on this machine's {cpus} CPUs"
+             + (" (sharing them: a time includes waiting for a core)" if a.world * threads > cpus else "") +
+             f", over loopback; forward + backward of decorr_loss alone, median of {a.repeats} steps after {a.warmup} "
+             f"warm-up, between barriers. Other rows: computed only, the paper's batch {PAPER['batch']} on "
+             f"{PAPER['world']} GPUs. MiB sent: by decorr_loss's collectives (parts_bytes: float32, ring algorithms); "
+             "counted: that rule applied to the calls decorr_loss made in one step (largest over ranks).",
+             "The same for every k, not in decorr_loss: DDP's all-reduce of the gradients (the predictor's in the "
+             "table; the backbone's and projector's), standardize's all-reduce of 2 x 2 x D floats."]
+    return dict(results=results), md_table(headers, table), notes
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- output and command line
 
 def md_table(headers, rows):
-    """A GitHub markdown table; cells are str()-ed."""
+    """A GitHub markdown table, columns padded; cells are str()-ed."""
     rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
+def num(x, spec):
+    return "-" if x is None else format(x, spec)
 
-def fmt_s(x):
-    return "-" if x is None else f"{x * 1e3:.1f}" if x < 10 else f"{x * 1e3:.0f}"
+def ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
 
-
-def fmt_mib(r):
-    if r is None:
-        return "-"
-    if r["status"] == "oom":
-        return "OOM*" if r.get("predicted") else "OOM"
-    if r["status"] != "ok":
-        return "error"
-    return f"{max(r['peak_bytes'], 0) / MiB:.0f}"
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def meminfo(key):
-    """A /proc/meminfo field in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
+def mib(nbytes):
+    return "-" if nbytes is None else f"{nbytes / MiB:.0f}"
 
 def machine(device):
-    m = dict(device=device.type, cpu=cpu_model(), cpu_count=os.cpu_count(), ram_bytes=meminfo("MemTotal"),
-             torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
-             float32_matmul_precision=torch.get_float32_matmul_precision())
-    if device.type == "cuda":
-        m.update(gpu=torch.cuda.get_device_name(device),
-                 gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory,
-                 cuda=torch.version.cuda)
-    return m
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), platform.machine())
+    return dict(device=device.type, cpu=cpu, cpu_count=os.cpu_count(), torch=torch.__version__,
+                threads=torch.get_num_threads(), python=platform.python_version(), load_average=os.getloadavg(),
+                ram_bytes=os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
-# ----------------------------------------------------------------------------- sub-commands
+def positive(s):
+    if not s.isdigit() or int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
 
-def not_run(need, cap):
-    return dict(status="oom", predicted=True,
-                error=f"predicted {need / GiB:.1f} GiB > --mem-cap {cap / GiB:.1f} GiB; not run")
+def positives(s):                                       # "1,8,32" -> [1, 8, 32]
+    return [positive(x) for x in s.split(",")]
 
-
-def cmd_loss(a, device, log):
-    check = check_reference()
-    log(f"reference check (rows {check['rows']}, D {check['D']}, parts {check['parts']}): "
-        f"max relative difference {check['max_rel_err']:.2e}")
-    if not check["ok"]:
-        raise RuntimeError(f"algorithm1 and decorr_loss disagree (relative difference "
-                           f"{check['max_rel_err']:.2e}); the reference cannot be trusted")
-    common = dict(kind="loss", device=str(device), rows=a.rows, warmup=a.warmup, repeats=a.repeats,
-                  max_time=a.max_time, mem_cap=a.mem_cap if device.type == "cpu" else None,
-                  inv_coef=a.inv_coef, cov_coef=a.cov_coef, wtw_per_part=a.ref_wtw == "per-part")
-    results, table = [], []
-    for D in a.dims or ([2048, 4096] if device.type == "cpu" else [2048, 4096, 8192]):
-        for parts in a.parts:
-            row = dict(D=D, parts=parts, rows=a.rows)
-            for method in ("decorr_loss", "algorithm1"):
-                pred = predict_loss_bytes(method, a.rows, D, parts)
-                need = pred + input_bytes(a.rows, D)
-                if device.type == "cpu" and need > a.mem_cap:
-                    r = not_run(need, a.mem_cap)
-                    log(f"  loss: method={method}, D={D}, parts={parts}\n    -> OOM*: {r['error']}")
-                else:
-                    r = run_child(dict(common, method=method, D=D, parts=parts), log)
-                r["predicted_peak_bytes"] = pred
-                row[method] = r
-            ours, ref = row["decorr_loss"], row["algorithm1"]
-            ok_o, ok_r = ours["status"] == "ok", ref["status"] == "ok"
-            b = ours.get("bound_s")
-            row.update(bound_s=b, ours_over_bound=ours.get("over_bound"),
-                       ref_over_bound=ref["seconds"] / b if ok_r and b else None,
-                       speedup=ref["seconds"] / ours["seconds"] if ok_o and ok_r else None,
-                       memory_ratio=ref["peak_bytes"] / max(ours["peak_bytes"], 1) if ok_o and ok_r else None,
-                       rel_diff=max(abs(ours[k] - ref[k]) / abs(ref[k]) for k in ("loss", "inv", "cov"))
-                       if ok_o and ok_r else None)
-            results.append(row)
-            f = lambda x, spec: "-" if x is None else format(x, spec)
-            table.append([D, parts, fmt_s(ours["seconds"]) if ok_o else fmt_mib(ours),
-                          fmt_s(ref["seconds"]) if ok_r else fmt_mib(ref), f(row["speedup"], ".2f"),
-                          fmt_s(b), f(row["ours_over_bound"], ".2f"), f(row["ref_over_bound"], ".2f"),
-                          fmt_mib(ours), fmt_mib(ref), f(row["memory_ratio"], ".1f"), f(row["rel_diff"], ".1e")])
-    headers = ["D", "parts", "decorr_loss ms", "Algorithm 1 ms", "speed-up", "matmul bound ms",
-               "ours / bound", "Alg. 1 / bound", "ours peak MiB", "Alg. 1 peak MiB", "memory ratio",
-               "rel. diff"]
-    notes = [f"{a.rows} rows, forward + backward, float32, {device.type}; median of up to {a.repeats} runs after "
-             f"{a.warmup} warm-up (at most {a.max_time:g} s of runs per measurement; a longer warm-up is the run). "
-             f"Reference check (algorithm1 vs decorr_loss, values and gradients): max relative difference "
-             f"{check['max_rel_err']:.1e}; rel. diff: the largest relative difference of loss, inv and cov "
-             f"between the two on this row's inputs. Algorithm 1's W^T W: {a.ref_wtw}.",
-             "matmul bound: the bare float32 products decorr_loss cannot avoid (forward and backward), timed in "
-             "alternation with decorr_loss in its process; ours / bound is the median of the per-round ratios."]
-    if device.type == "cpu":
-        notes.append("peak: RSS above the inputs in the first run, allocated so that RSS follows the live "
-                     "tensors (see mmap_threshold).")
-    if any(r[m]["status"] == "oom" and r[m].get("predicted") for r in results for m in ("decorr_loss", "algorithm1")):
-        notes.append(f"OOM*: predicted peak above --mem-cap {a.mem_cap / GiB:.1f} GiB (this machine: "
-                     f"{(meminfo('MemTotal') or 0) / GiB:.1f} GiB RAM); not run. Predicted bytes are in the JSON.")
-    return dict(reference_check=check, results=results), md_table(headers, table), notes
-
-
-def cmd_train(a, device, log):
-    common = dict(device=str(device), kind="train", arch=a.arch, img_size=a.img_size, batch=a.batch,
-                  parts=a.parts, amp=a.amp, compile=a.compile, warmup=a.warmup, steps=a.steps,
-                  max_time=a.max_time, mem_cap=a.mem_cap if device.type == "cpu" else None)
-    names = dict(decorr="decorr", algorithm1="algorithm1", nohead="no head")
-    results, table = [], []
-    for proj in a.projs:
-        by, run = {}, []
-        for variant in names:
-            need = predict_train_bytes(dict(common, proj=proj, variant=variant))
-            if device.type == "cpu" and need > a.mem_cap:
-                by[variant] = not_run(need, a.mem_cap)
-                log(f"  train: variant={variant}, proj={proj}\n    -> OOM*: {by[variant]['error']}")
-            else:
-                run.append(variant)
-        if run:
-            r = run_child(dict(common, proj=proj, variants=run), log)
-            for v in run:
-                by[v] = dict(r["variants"][v], wall_s=r["wall_s"], threads=r["threads"]) if r["status"] == "ok" else r
-        t0 = by["nohead"]["seconds"] if by["nohead"]["status"] == "ok" else None
-        for variant, name in names.items():
-            r = by[variant]
-            t = r.get("seconds") if r["status"] == "ok" else None
-            share = (t - t0) / t if t and t0 and variant != "nohead" else None
-            results.append(dict(proj=proj, variant=variant, head_share=share, **r))
-            table.append([proj, name, f"{r['img_per_s']:.1f}" if t else fmt_mib(r), fmt_s(t), fmt_mib(r),
-                          "-" if share is None else f"{100 * share:.0f}%",
-                          "-" if not t else f"{len(r['times'])}{' (warm-up)' if r['warmup_counted'] else ''}"])
-    headers = ["projector", "variant", "images/s", "step ms", "peak MiB", "head share", "timed steps"]
-    notes = [f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions {a.parts}, "
-             f"amp {a.amp}, compile {'on' if a.compile else 'off'}, {device.type}; a step is forward, backward "
-             f"and a plain SGD update (no momentum); the variants of one projector share one process and "
-             f"are timed in rounds; median of up to {a.steps} steps after {a.warmup} warm-up (at most "
-             f"{a.max_time:g} s of steps each; a longer warm-up is the step). head share = (t - t_no_head) / t."]
-    if device.type == "cpu":
-        notes.append("peak: RSS above model, optimizer and inputs (no gradients) in a variant's first step, "
-                     "allocated so that RSS follows the live tensors (see mmap_threshold).")
-    return dict(results=results), md_table(headers, table), notes
-
-# ----------------------------------------------------------------------------- command line
-
-def int_list(name):
-    def parse(s):
-        try:
-            v = [int(x) for x in s.split(",")]
-        except ValueError:
-            v = []
-        if not v or min(v) <= 0:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of positive integers")
-        return v
-    parse.__name__ = name
-    return parse
-
-
-def proj_list(s):
-    v = [p.strip() for p in s.split(",") if p.strip()]
-    if not v:
-        raise UsageError(f"--projs {s!r}: no projector given")
-    for p in v:
+def projectors(s):
+    for p in s.split(","):
         decorr.parse_proj(p)
-    return v
+    return s.split(",")
 
+def splits(n, ks, name):
+    for k in ks:
+        if n % k:
+            raise UsageError(f"{name} {n} does not split into {k} equal parts")
 
 def parse_args(argv):
-    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    sub = p.add_subparsers(dest="cmd", metavar="{loss,train}")
-    sub.required = True
-
-    def common(q):
-        q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        q.add_argument("--json", metavar="PATH", help="also write the results and the machine here")
-        q.add_argument("--warmup", type=int, default=None, help="warm-up runs (default: CPU 1, GPU 3)")
-        q.add_argument("--max-time", type=float, default=None,
-                       help="seconds per measurement before repeats stop (default: CPU 10, GPU 30)")
-        q.add_argument("--mem-cap", type=float, default=None,
-                       help="CPU only: GiB one configuration may use, its inputs included "
-                            "(default: min(16, 70%% of available RAM))")
-
-    q = sub.add_parser("loss", help="decorr_loss vs Algorithm 1 vs the matmul bound")
-    common(q)
-    q.add_argument("--dims", type=int_list("dims"), default=None, help="D values (default: CPU 2048,4096; GPU 2048,4096,8192)")
-    q.add_argument("--parts", type=int_list("parts"), default=[1, 8, 32], help="partitions per device (default 1,8,32)")
-    q.add_argument("--rows", type=int, default=1024, help="rows (samples) per device (default 1024)")
-    q.add_argument("--repeats", type=int, default=None, help="timed runs (default: CPU 3, GPU 10)")
-    q.add_argument("--inv-coef", type=float, default=1.0, help="C_inv (default 1)")
-    q.add_argument("--cov-coef", type=float, default=1.0, help="C_cov (default 1)")
-    q.add_argument("--ref-wtw", choices=("once", "per-part"), default="once",
-                   help="Algorithm 1's W^T W: once per step, or once per part as k GPUs compute it")
-
-    q = sub.add_parser("train", help="training-step throughput: decorr, Algorithm 1 head, no head")
-    common(q)
-    q.add_argument("--projs", type=proj_list, default=None,
-                   help="comma-separated projectors (default: 4096-256,2048-2048-2048,8192-8192-8192)")
-    q.add_argument("--arch", default=None, help=f"{' | '.join(decorr.ARCHS)} (default: CPU resnet18, GPU resnet50)")
-    q.add_argument("--img-size", type=int, default=None, help="default: CPU 32, GPU 224")
-    q.add_argument("--batch", type=int, default=None, help="images per device and step (default: CPU 64, GPU 256)")
-    q.add_argument("--parts", type=int, default=1, help="partitions per device (default 1)")
-    q.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
-                   help="default: bf16 where supported, as decorr.py")
-    q.add_argument("--compile", action="store_true", help="torch.compile the step")
-    q.add_argument("--steps", type=int, default=None, help="timed steps (default: CPU 3, GPU 20)")
-
+    p = decorr.Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{loss,train,data,parts}")
+    q = {name: sub.add_parser(name) for name in ("loss", "train", "data", "parts")}
+    for name, s in q.items():
+        s.add_argument("--json", metavar="PATH", help="also write settings, machine and results here")
+        s.add_argument("--warmup", type=positive, help="untimed runs (default: CPU 1, GPU 3)")
+        s.add_argument("--repeats", "--steps", type=positive, help="timed rounds (default: CPU 3, data 10; GPU 10, train 20)")
+        if name != "parts":
+            s.add_argument("--max-time", type=float, help="seconds, then no new round (default: CPU 10, GPU 30)")
+        if name in ("train", "data"):
+            s.add_argument("--amp", choices=("bf16", "fp16", "none"), help="default: decorr.py's (bf16 where supported)")
+    add = lambda name, *opt, **kw: q[name].add_argument(*opt, **kw)
+    add("loss", "--dims", type=positives, help="D values (default: CPU 2048,4096; GPU 2048,4096,8192)")
+    add("loss", "--parts", type=positives, default=[1, 8, 32], help="partition counts (default 1,8,32)")
+    add("loss", "--rows", type=positive, default=1024, help="rows (default 1024)")
+    add("train", "--projs", type=projectors, default=["4096-256", "2048-2048-2048", "8192-8192-8192"])
+    add("train", "--arch", choices=decorr.ARCHS, help="default: CPU resnet18, GPU resnet50")
+    add("train", "--img-size", type=positive, help="default: CPU 32, GPU 224")
+    add("train", "--batch", type=positive, help="images per step (default: CPU 64, GPU 256)")
+    add("train", "--parts", type=positive, default=1, help="k, partitions of the batch (default 1)")
+    add("data", "--batch", type=positive, default=256, help="images per batch (default 256, as decorr.py)")
+    add("data", "--threads", type=positive, default=torch.get_num_threads(),
+        help=f"threads here, and per-sample loader processes (default {torch.get_num_threads()})")
+    add("data", "--workers", type=int, default=max(0, min(10, (os.cpu_count() or 1) - 1)),
+        help="decorr.batches' loader processes for the folder (default as decorr.py: CPUs - 1, at most 10)")
+    add("data", "--folder-size", type=positive, default=224, help="crop size for the folder (default 224)")
+    add("parts", "--world", type=positive, default=PAPER["world"], help="processes W (default 8)")
+    add("parts", "--batch", type=positive, default=PAPER["batch"], help="global batch B (default 2048)")
+    add("parts", "--dims", type=positives, default=[2048], help="D values (default 2048)")
+    add("parts", "--parts", type=positives, default=list(PAPER["parts"]), help="k values (default 1,2,8)")
     a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device here")
+
+    a.device = "cuda" if torch.cuda.is_available() and a.cmd != "parts" else "cpu"   # parts: gloo on CPUs
     gpu = a.device == "cuda"
-    a.warmup = (3 if gpu else 1) if a.warmup is None else a.warmup
-    a.max_time = (30.0 if gpu else 10.0) if a.max_time is None else a.max_time
-    if a.warmup < 0 or a.max_time <= 0:
-        raise UsageError("--warmup must be >= 0 and --max-time > 0")
-    if a.mem_cap is None:
-        a.mem_cap = min(16 * GiB, 0.7 * (meminfo("MemAvailable") or 16 * GiB))
-    elif a.mem_cap <= 0:
-        raise UsageError(f"--mem-cap must be positive, got {a.mem_cap}")
-    else:
-        a.mem_cap *= GiB
+    a.warmup = a.warmup or (3 if gpu else 1)
+    a.repeats = a.repeats or ((20 if a.cmd == "train" else 10) if gpu else 10 if a.cmd == "data" else 3)
+    if a.cmd != "parts":
+        a.max_time = (30.0 if gpu else 10.0) if a.max_time is None else a.max_time
+        if a.max_time <= 0:
+            raise UsageError(f"--max-time must be positive, got {a.max_time:g}")
+    if a.cmd in ("train", "data") and a.amp is None:          # decorr.py's default: bf16 where supported
+        bf16 = torch.cuda.is_bf16_supported() if gpu else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        a.amp = "bf16" if bf16 else "none"
     if a.cmd == "loss":
-        a.repeats = (10 if gpu else 3) if a.repeats is None else a.repeats
-        if a.rows <= 0 or a.repeats <= 0:
-            raise UsageError("--rows and --repeats must be positive")
-        bad = [k for k in a.parts if a.rows % k]
-        if bad:
-            raise UsageError(f"--rows {a.rows} does not split into {bad[0]} equal parts")
-    else:
-        a.projs = a.projs or ["4096-256", "2048-2048-2048", "8192-8192-8192"]
+        a.dims = a.dims or ([2048, 4096, 8192] if gpu else [2048, 4096])
+        splits(a.rows, a.parts, "--rows")
+    if a.cmd == "train":
         a.arch = a.arch or ("resnet50" if gpu else "resnet18")
         a.img_size = a.img_size or (224 if gpu else 32)
         a.batch = a.batch or (256 if gpu else 64)
-        a.steps = a.steps or (20 if gpu else 3)
-        if a.arch not in decorr.ARCHS:
-            raise UsageError(f"unknown --arch {a.arch!r}; choose one of {', '.join(decorr.ARCHS)}")
-        for k in ("img_size", "batch", "parts", "steps"):
-            if getattr(a, k) <= 0:
-                raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
-        if a.batch % a.parts:
-            raise UsageError(f"--batch {a.batch} does not split into --parts {a.parts} equal parts")
-        if a.amp is None:
-            bf16 = (torch.cuda.is_bf16_supported() if gpu else
-                    getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-            a.amp = "bf16" if bf16 else "none"
-    if a.json:
-        folder = os.path.dirname(os.path.abspath(a.json))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--json {a.json!r}: no such directory {folder!r}")
+        splits(a.batch, [a.parts], "--batch")
+    if a.cmd == "data" and a.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {a.workers}")
+    if a.cmd == "parts":
+        splits(a.batch, [a.world] + a.parts, "--batch")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise UsageError(f"--json {a.json!r}: no such directory")
     return a
 
-
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
     device = torch.device(a.device)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(f"bench.py {a.cmd} on {device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.time()
-    log(f"bench.py {a.cmd} on {device.type} ({cpu_model()}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    load0 = os.getloadavg()
-    data, table, notes = (cmd_loss if a.cmd == "loss" else cmd_train)(a, device, log)
+    data, table, notes = dict(loss=cmd_loss, train=cmd_train, data=cmd_data, parts=cmd_parts)[a.cmd](a, device)
     wall = time.time() - t0
-    load = dict(before=load0, after=os.getloadavg())
-    notes.append(f"{torch.get_num_threads()} threads; load average (1 min) before {load0[0]:.1f}, after "
-                 f"{load['after'][0]:.1f} on {os.cpu_count()} CPUs")
-    settings = {k: v for k, v in vars(a).items() if k not in ("json",)}
-    print(f"## bench.py {a.cmd}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n- wall time {wall:.0f} s")
+    print(f"## bench.py {a.cmd}\n\n{table}\n\n" + "".join(f"- {n}\n" for n in notes) + f"- wall time {wall:.0f} s")
     if a.json:
-        doc = dict(command=a.cmd, argv=sys.argv[1:] if argv is None else list(argv), settings=settings,
-                   machine=machine(device), load_average=load, wall_s=wall, markdown=table, **data)
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        os.replace(tmp, a.json)
-    errors = [r for r in data["results"] if r.get("status") == "error" or
-              any(isinstance(r.get(m), dict) and r[m].get("status") == "error" for m in ("decorr_loss", "algorithm1"))]
-    return 1 if errors else 0
-
+        with open(a.json, "w") as fh:
+            json.dump(dict(command=a.cmd, argv=argv, settings=vars(a), machine=machine(device), wall_s=wall,
+                           markdown=table, notes=notes, **data), fh, indent=1)
+    if "summary" in data:
+        print(json.dumps(data["summary"]))
+    return 0
 
 def cli(argv=None):
-    """main() with bad input as one line on stderr and exit code 2."""
+    """main() with bad input reported as one line on stderr and exit code 2."""
     try:
         return main(argv)
     except UsageError as e:
-        msg = str(e).strip().splitlines()
-        print(f"bench.py: error: {msg[-1] if msg else 'bad input'}", file=sys.stderr)
+        lines = str(e).strip().splitlines()
+        print(f"bench.py: error: {lines[-1] if lines else 'bad input'}", file=sys.stderr)
         return 2
 
-
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "_one":
-        child_main(sys.argv[2])
-        sys.exit(0)
     sys.exit(cli())

@@ -340,15 +340,17 @@ def cmd_data(a, device):
     images, labels = decorr.synthetic_images(max(decorr.SYNTH_TRAIN, B), 0)
     args32 = decorr.parse_args(["--batch-size", str(B)])          # the default run: 32 px, resnet18 4096-256
 
-    def row(pipeline, px, where, times):
-        log(f"data: {pipeline}, {px} px, {where}: {B * len(times) / sum(times):.0f} images/s")
-        return dict(pipeline=pipeline, px=px, where=where, seconds_per_batch=sum(times) / len(times),
-                    img_per_s=B * len(times) / sum(times), times=times)
+    def row(pipeline, px, where, times, k=1):                     # k batches per timed call
+        sec = sum(times) / len(times) / k
+        log(f"data: {pipeline}, {px} px, {where}: {B / sec:.0f} images/s")
+        return dict(pipeline=pipeline, px=px, where=where, seconds_per_batch=sec, img_per_s=B / sec, times=times)
     # the two pipelines of this process take turns, under the same load; loader processes are timed
     # alone, as they work ahead while anything else runs
-    t = data_times(dict(batched=decorr.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9),
+    k, batched = max(1, decorr.AHEAD // B), decorr.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9)
+    t = data_times(dict(batched=iter(lambda: [next(batched) for _ in range(k)], None),    # k batches at a time
                         per_sample=DataLoader(PerSample(images), batch_size=B)), device, a)
-    rows = [row("decorr.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"]),
+    batched.close()
+    rows = [row("decorr.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"], k),
             row("torchvision v2, per sample", 32, f"this process, {T} threads", t["per_sample"])]
     t = data_times(dict(loaders=DataLoader(PerSample(images), batch_size=B, num_workers=T)), device, a)
     rows.append(row("torchvision v2, per sample", 32, f"{T} loader process(es), 1 thread each", t["loaders"]))
@@ -376,8 +378,9 @@ def cmd_data(a, device):
     headers = ["pipeline", "px", "where", "images/s", f"ms per batch of {B}", "data / step"]
     notes = [f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
              f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (forward, backward, SGD update): median, amp "
-             f"{a.amp}. data / step: decorr.py makes in-memory batches between steps, in the training process, so this "
-             "is the share they add to a step; loader processes work beside it (on the same cores), above 1 it waits.",
+             f"{a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
+             f"{decorr.AHEAD} images at a time ({k} batches: a timed run), so this is the share they add to a step; "
+             "loader processes work beside it (on the same cores), above 1 it waits.",
              f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f} (target 4). "
              f"JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is another model's."]
     return dict(results=rows, train_step=dict(seconds=step, times=times), summary=summary), \

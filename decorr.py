@@ -11,7 +11,7 @@ on CPUs  3. the model  4. data, augmentation  5. LARS  6. diagnostics  7. files 
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
-import argparse, datetime, functools, hashlib, json, math, os, signal, sys, time, warnings
+import argparse, datetime, functools, hashlib, itertools, json, math, os, signal, sys, time, warnings
 
 from PIL import Image
 import torch
@@ -174,10 +174,7 @@ def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with statistics over all ranks, as standardize() (SyncBatchNorm refuses CPU tensors)."""
-
-    def _check_input_dim(self, x):        # BatchNorm1d and 2d alike
-        pass
-
+    def _check_input_dim(self, x): pass        # BatchNorm1d and 2d alike
     def forward(self, x):
         if not (self.training and rank_world()[1] > 1):
             return super().forward(x)
@@ -233,7 +230,6 @@ def build_projector(in_dim, dims):
 class Model(nn.Module):
     """Backbone -> projector -> the loss of --loss; forward(x1, x2) returns (loss, *terms). For
     decorr, standardization and the predictor W; the baselines have no predictor."""
-
     def __init__(self, args):
         super().__init__()
         self.args, (self.backbone, dim), dims = args, build_backbone(args.arch, args.img_size <= 64), parse_proj(args.proj)
@@ -245,7 +241,6 @@ class Model(nn.Module):
             if args.identity_predictor or args.predictor_init == "identity":
                 self.predictor.weight.data.copy_(torch.eye(D))
             self.predictor.weight.requires_grad_(not args.identity_predictor)   # Table 3: W fixed to I
-
     def forward(self, x1, x2):
         a = self.args
         f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))   # BN statistics per view
@@ -297,7 +292,6 @@ def synthetic_images(n, seed, size=32):
 class Folder(torch.utils.data.Dataset):
     """Image folders (root/<class>/<image>) of (PIL image, label). An image that cannot be decoded
     is replaced by the next one that can, the same every time; read(i) also names those skipped."""
-
     def __init__(self, root):
         try:
             scan = torchvision.datasets.ImageFolder(root, loader=str)
@@ -305,10 +299,8 @@ class Folder(torch.utils.data.Dataset):
             raise UsageError(f"--data {root!r}: {str(e).splitlines()[0]}") from None
         self.root, self.samples, self.classes = root, scan.samples, scan.classes
         self.read(0)                                     # at least one image must be readable
-
     def __len__(self):
         return len(self.samples)
-
     def read(self, i):
         bad = []
         for path, label in (self.samples[(i + k) % len(self)] for k in range(len(self))):
@@ -318,7 +310,6 @@ class Folder(torch.utils.data.Dataset):
             except Exception:
                 bad.append(path)
         raise UsageError(f"--data {self.root!r}: none of its {len(self)} images can be read")
-
     def __getitem__(self, key):
         """folder[i]: (image, label). folder[i, u, size]: the loader workers' part of training, both views
         cropped and flipped by uniforms u as torchvision does (bicubic, antialias), and the skipped paths."""
@@ -365,6 +356,7 @@ def eval_transform(size, small):           # no augmentation; Resize + CenterCro
 #   24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale, 33 blur on,
 #   34 blur sigma, 35 solarize on
 NU, VIEWS = 36, ((1.0, 0.0), (0.1, 0.2))   # (blur p, solarize p) of view 1 and view 2
+AHEAD = 4096          # in-memory data: views of this many images per call (a GPU is bound by launches)
 
 def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's boxes (top, left, height, width) by torchvision's rule: of ten tries of an
@@ -450,7 +442,6 @@ def batches(train, small, args, device, first, last):
     (rank, world), B = rank_world(), args.batch_size
     n, spe = B // world, len(train) // B
     seed = lambda *k: torch.Generator().manual_seed(int(hashlib.sha256(repr(k).encode()).hexdigest()[:15], 16))
-
     def plan():                                       # this rank's image indices and uniforms, per step
         for step in range(first, last):
             epoch, b = divmod(step, spe)
@@ -458,14 +449,15 @@ def batches(train, small, args, device, first, last):
                 order = torch.randperm(len(train), generator=seed(args.seed, epoch))
             u = torch.rand(B, 2, NU, generator=seed(args.seed, epoch, b), dtype=torch.float64)
             yield order[b * B:(b + 1) * B][rank * n:(rank + 1) * n], u[rank * n:(rank + 1) * n]
-
     finish = lambda crops, u: [colour(c, u[:, v], *VIEWS[v], small).contiguous(memory_format=torch.channels_last)
                                for v, c in enumerate(crops)]     # both views' crops on the device, in [0, 1]
-    if isinstance(train, TensorDataset):
-        images = train.tensors[0].to(device)
-        for idx, u in plan():
+    if isinstance(train, TensorDataset):                 # the views of several steps at once
+        images, steps = train.tensors[0].to(device), plan()
+        while ahead := list(itertools.islice(steps, max(1, AHEAD // n))):
+            idx, u = torch.cat([i for i, _ in ahead]), torch.cat([u for _, u in ahead])
             x = images[idx.to(device, non_blocking=True)].float() / 255
-            yield *finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u), []
+            views = finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u)
+            yield from ((views[0][s * n:(s + 1) * n], views[1][s * n:(s + 1) * n], []) for s in range(len(ahead)))
         return
     keys = ([(i, uu, args.img_size) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
     loader = torch.utils.data.DataLoader(train, batch_sampler=keys, num_workers=args.workers,
@@ -479,22 +471,22 @@ def batches(train, small, args, device, first, last):
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in Barlow Twins: momentum, eta 0.001; groups with lars=False
     (biases, BatchNorm) get neither weight decay nor the trust ratio."""
-
     def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
-
+        self.state.update({p: dict(mu=torch.zeros_like(p)) for g in self.param_groups for p in g["params"]})
     @torch.no_grad()
-    def step(self):
+    def step(self):           # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
         for g in self.param_groups:
-            for p in (p for p in g["params"] if p.grad is not None):
-                dp = p.grad
-                if g["lars"]:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    pn, dn = p.norm(), dp.norm()
-                    dp = dp * torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0)
-                if "mu" not in self.state[p]:
-                    self.state[p]["mu"] = torch.zeros_like(p)
-                p.add_(self.state[p]["mu"].mul_(g["momentum"]).add_(dp), alpha=-g["lr"])
+            ps = [p for p in g["params"] if p.grad is not None]
+            dps = [p.grad for p in ps]
+            if g["lars"]:
+                dps = torch._foreach_add(dps, ps, alpha=g["weight_decay"])
+                pn, dn = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(dps))
+                torch._foreach_mul_(dps, list(torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0).unbind()))
+            mu = [self.state[p]["mu"] for p in ps]
+            torch._foreach_mul_(mu, g["momentum"])
+            torch._foreach_add_(mu, dps)
+            torch._foreach_add_(ps, mu, alpha=-g["lr"])
 
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -644,7 +636,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
-    a("--log-every", type=int, default=10)
+    a("--log-every", type=int, default=10, help="log, and check for a signal or a non-finite loss, every N steps")
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
@@ -732,39 +724,43 @@ def main(argv=None):
         f"epochs | batch {args.batch_size} on {world} x {device.type}{k} | amp {args.amp}{' compile' if args.compile else ''}")
     t0 = t_last = time.time()
     step0 = s_last = saved = step
-    stopping, bad_images, reported = False, 0, set()
-    for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):   # no blur for small images
+    stopping, bad_images, seen_bad, reported = False, 0, 0, set()
+    for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):
         for path in sorted(set(bad) - reported):
             print(f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)", flush=True)
         reported.update(bad)
-        epoch, lr = step // spe, learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
+        epoch, lr, seen_bad = step // spe, learning_rate(step, total, warmup, args.lr * args.batch_size / 256), seen_bad + len(bad)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss, *term_values = model(x1, x2)
-        stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
-                             *torch.tensor([len(bad), bool(stop)], dtype=loss.dtype, device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-            stats[:-2] /= world
-        loss_v, *values, bad_v, stop_v = stats.tolist()
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"non-finite loss ({loss_v}) at step {step + 1}; the last good "
-                                     f"checkpoint is {ckpt_path} (step {saved}), left untouched")
+        s = step + 1                                        # this step, once done
+        logs, diag = s % args.log_every == 0 or s == last, s % (args.diag_every or spe) == 0 or s == last
+        save = s == last or s % spe == 0 or s % (args.save_every_steps or spe) == 0
+        if logs or diag or save:        # the CPU reads the device here only: in between, a GPU never waits for it
+            stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
+                                 *torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device)])
+            if world > 1:
+                dist.all_reduce(stats)
+                stats[:-2] /= world
+            loss_v, *values, bad_images, stopping = stats.tolist()                  # all ranks decide alike
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"non-finite loss ({loss_v}) at step {s}; the last good "
+                                         f"checkpoint is {ckpt_path} (step {saved}), left untouched")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        step, bad_images, stopping = step + 1, bad_images + int(bad_v), stop_v > 0   # all ranks decide alike
-        if master and (step % args.log_every == 0 or step == last or stopping):
+        step = s
+        if master and (logs or stopping):
             now = time.time()
             ips, eta = (step - s_last) * args.batch_size / (now - t_last), (last - step) * (now - t0) / (step - step0)
             append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, **dict(zip(terms, values)), lr=lr,
-                                        img_per_s=ips, bad_images=bad_images))
+                                        img_per_s=ips, bad_images=int(bad_images)))
             say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} " + " ".join(f"{k} {v:.4f}" for k, v
                 in zip(terms, values)) + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
             t_last, s_last = now, step
-        if master and (step % (args.diag_every or spe) == 0 or step == last):
+        if master and diag:
             t_diag = time.time()
             d = diagnostics(raw, probe, bank, num_classes, amp)
             append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
@@ -773,7 +769,7 @@ def main(argv=None):
             if raw.predictor:
                 pic = Image.fromarray(wp_picture(raw.predictor.weight).permute(1, 2, 0).numpy())
                 atomic_write(os.path.join(out, "wp.png"), lambda fh: pic.save(fh, format="PNG"))
-        if master and (step == last or stopping or step % spe == 0 or step % (args.save_every_steps or spe) == 0):
+        if master and (save or stopping):
             state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict())
             atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
             saved = step

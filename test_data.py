@@ -610,6 +610,17 @@ def test_resume_yields_the_same_batches():
             assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
+def test_views_do_not_depend_on_how_many_steps_are_made_at_once(monkeypatch):
+    """decorr.AHEAD only sets how many images' views one call makes (7 steps of 8 at once by
+    default here, across epochs of 3 steps): one step at a time gives the same views, bitwise."""
+    full = _collect(_dataset(), 0, 7)
+    monkeypatch.setattr(decorr, "AHEAD", 1)
+    one = _collect(_dataset(), 0, 7)
+    assert len(one) == len(full) == 7
+    for (a1, a2, _), (b1, b2, _) in zip(one, full):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
 @pytest.mark.parametrize("img_size", [20, 28])
 def test_batches_in_memory_crops_equal_v2(monkeypatch, img_size):
     """The crops batches() makes of in-memory images (captured at colour(), which is replaced by a
@@ -622,10 +633,10 @@ def test_batches_in_memory_crops_equal_v2(monkeypatch, img_size):
     ds = _dataset(n=8, size=20, same=True)
     _collect(ds, 0, 2, img_size=img_size)
     img = ds.tensors[0][0].float() / 255
-    assert len(seen) == 4
+    assert len(seen) == 2                           # one call per view for both steps (decorr.AHEAD)
     for k, (crops, u, params) in enumerate(seen):
         assert params == (*decorr.VIEWS[k % 2], False)
-        assert crops.shape == (8, 3, img_size, img_size)
+        assert crops.shape == (16, 3, img_size, img_size)
         for i, (top, left, h, w) in enumerate(decorr.crop_boxes(u, 20, 20).long().tolist()):
             ref = TF.resized_crop(img, top, left, h, w, [img_size] * 2, v2.InterpolationMode.BILINEAR)
             ref = TF.horizontal_flip(ref) if u[i, FLIP] < 0.5 else ref

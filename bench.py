@@ -346,7 +346,7 @@ def cmd_data(a, device):
         return dict(pipeline=pipeline, px=px, where=where, seconds_per_batch=sec, img_per_s=B / sec, times=times)
     # the two pipelines of this process take turns, under the same load; loader processes are timed
     # alone, as they work ahead while anything else runs
-    k, batched = max(1, decorr.AHEAD // B), decorr.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9)
+    k, batched = max(1, decorr.AHEAD.get(device.type, 0) // B), decorr.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9)
     t = data_times(dict(batched=iter(lambda: [next(batched) for _ in range(k)], None),    # k batches at a time
                         per_sample=DataLoader(PerSample(images), batch_size=B)), device, a)
     batched.close()
@@ -379,7 +379,7 @@ def cmd_data(a, device):
     notes = [f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
              f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (forward, backward, SGD update): median, amp "
              f"{a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
-             f"{decorr.AHEAD} images at a time ({k} batches: a timed run), so this is the share they add to a step; "
+             f"{k * B} images at a time ({k} batch(es): a timed run), so this is the share they add to a step; "
              "loader processes work beside it (on the same cores), above 1 it waits.",
              f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f} (target 4). "
              f"JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is another model's."]

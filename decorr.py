@@ -356,7 +356,7 @@ def eval_transform(size, small):           # no augmentation; Resize + CenterCro
 #   24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale, 33 blur on,
 #   34 blur sigma, 35 solarize on
 NU, VIEWS = 36, ((1.0, 0.0), (0.1, 0.2))   # (blur p, solarize p) of view 1 and view 2
-AHEAD = 4096          # in-memory data: views of this many images per call (a GPU is bound by launches)
+AHEAD = dict(cuda=4096)   # in-memory data, images per call: a GPU is launch-bound, a CPU likes one batch (cache)
 
 def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's boxes (top, left, height, width) by torchvision's rule: of ten tries of an
@@ -453,7 +453,7 @@ def batches(train, small, args, device, first, last):
                                for v, c in enumerate(crops)]     # both views' crops on the device, in [0, 1]
     if isinstance(train, TensorDataset):                 # the views of several steps at once
         images, steps = train.tensors[0].to(device), plan()
-        while ahead := list(itertools.islice(steps, max(1, AHEAD // n))):
+        while ahead := list(itertools.islice(steps, max(1, AHEAD.get(device.type, 0) // n))):
             idx, u = torch.cat([i for i, _ in ahead]), torch.cat([u for _, u in ahead])
             x = images[idx.to(device, non_blocking=True)].float() / 255
             views = finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u)

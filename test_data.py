@@ -611,10 +611,11 @@ def test_resume_yields_the_same_batches():
 
 
 def test_views_do_not_depend_on_how_many_steps_are_made_at_once(monkeypatch):
-    """decorr.AHEAD only sets how many images' views one call makes (7 steps of 8 at once by
-    default here, across epochs of 3 steps): one step at a time gives the same views, bitwise."""
+    """decorr.AHEAD only sets how many images' views one call makes (on a GPU 4096; here 7 steps
+    of 8 at once, across epochs of 3 steps): one step at a time gives the same views, bitwise."""
+    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=56))
     full = _collect(_dataset(), 0, 7)
-    monkeypatch.setattr(decorr, "AHEAD", 1)
+    monkeypatch.setattr(decorr, "AHEAD", {})
     one = _collect(_dataset(), 0, 7)
     assert len(one) == len(full) == 7
     for (a1, a2, _), (b1, b2, _) in zip(one, full):
@@ -629,11 +630,12 @@ def test_batches_in_memory_crops_equal_v2(monkeypatch, img_size):
     8 copies of one 20 x 20 image, so the image index does not matter. img_size 20 (= the images',
     as the defaults) and 28 (upsampling) hold; decorr.py refuses sizes other than the images' (next test)."""
     seen = []
+    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=16))                    # both steps in one call, as on a GPU
     monkeypatch.setattr(decorr, "colour", lambda c, u, *p: seen.append((c.clone(), u.clone(), p)) or c)
     ds = _dataset(n=8, size=20, same=True)
     _collect(ds, 0, 2, img_size=img_size)
     img = ds.tensors[0][0].float() / 255
-    assert len(seen) == 2                           # one call per view for both steps (decorr.AHEAD)
+    assert len(seen) == 2                           # one call per view
     for k, (crops, u, params) in enumerate(seen):
         assert params == (*decorr.VIEWS[k % 2], False)
         assert crops.shape == (16, 3, img_size, img_size)

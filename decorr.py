@@ -124,13 +124,14 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
         cov = 0.0
-        if m >= D:
-            wtw = w.T @ w
+        if m >= D:                      # each rank of a group: its block of rows of the D x D difference
+            rows = slice(rank % g * D // g, (rank % g + 1) * D // g)
+            wtw = w[:, rows].T @ w
             for p in (p1, p2):
                 for j in range(g * n // m):                                    # the group's parts
                     c = p[mine(j)].T @ p[mine(j)]
                     c = AllReduce.apply(c, group) if g > 1 else c
-                    cov = cov + (c / m - wtw).pow(2).sum() * world / (parts * g)
+                    cov = cov + (c[rows] / m - wtw).pow(2).sum() * world / parts
         else:
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):

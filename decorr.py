@@ -109,8 +109,8 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         ||P^T P/m - W^T W||^2 = ||P P^T||^2/m^2 - 2 ||P W^T||^2/m + ||W^T W||^2;
     a rank forms its rows of its parts' m x m Gram matrices (other ranks' rows gathered with
     autograd) and of W^T W (GramSquare). For m >= D that would cancel near convergence, and a D x D
-    matrix is no larger than the part: formed as written. stopgrad: Table 3's StopGrad on the
-    targets. Float32 even under autocast (float64 stays float64)."""
+    matrix is no larger than the part: formed as written, a block of its rows per rank of the part.
+    stopgrad: Table 3's StopGrad on the targets. Float32 even under autocast (float64 stays float64)."""
     with torch.autocast(f1.device.type, enabled=False):
         f1, f2, w = working_precision(f1, f2, w)
         (n, D), (rank, world) = f1.shape, rank_world()

@@ -458,7 +458,7 @@ def batches(train, small, args, device, first, last):
             idx, u = torch.cat([i for i, _ in ahead]), torch.cat([u for _, u in ahead])
             x = images[idx.to(device, non_blocking=True)].float() / 255
             views = finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u)
-            yield from ((views[0][s * n:(s + 1) * n], views[1][s * n:(s + 1) * n], []) for s in range(len(ahead)))
+            yield from ((*(v[s * n:(s + 1) * n] for v in views), []) for s in range(len(ahead)))
         return
     keys = ([(i, uu, args.img_size) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
     loader = torch.utils.data.DataLoader(train, batch_sampler=keys, num_workers=args.workers,

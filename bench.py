@@ -25,7 +25,7 @@ timed run each per round, for --repeats rounds or until --max-time seconds are s
 round). loss and train first measure peak memory, in two more runs of each (see peak_bytes).
 Output: a markdown table and notes on stdout, progress on stderr, all of it as JSON with --json.
 """
-import argparse, contextlib, json, math, os, platform, statistics, sys, tempfile, time
+import argparse, contextlib, functools, json, math, os, platform, statistics, sys, tempfile, time
 
 import torch
 import torch.distributed as dist
@@ -225,39 +225,30 @@ def cmd_loss(a, device):
 
 def train_steps(args, variants, device, amp):
     """{variant: one training step} of a decorr.Model made from decorr.py's args, on fixed random
-    images: forward under autocast(amp), backward, a plain SGD update (no optimizer state), gradients
-    freed. Variants: decorr (the model's loss), algorithm1 (standardize + algorithm1 with
-    args.partitions), nohead (the sum of the projector's outputs)."""
+    images: decorr.train_step, the run's own (forward under autocast(amp), backward, LARS), at a tiny
+    learning rate (timing, not training). Variants: decorr (the model's loss), algorithm1 (standardize
+    + algorithm1 with args.partitions), nohead (the sum of the projector's outputs)."""
     torch.manual_seed(0)
     model = decorr.Model(args).to(device)
     model.backbone.to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    opt, scaler = decorr.make_optimizer(model, args), torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     g = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
               .to(device, memory_format=torch.channels_last) for _ in range(2))
 
-    def loss(variant):
+    def forward(variant):                             # as model(x1, x2): (loss, ...)
         if variant == "decorr":
-            return model(x1, x2)[0]
-        f1, f2 = (model.projector(model.backbone(x)) for x in (x1, x2))
-        if variant == "nohead":
-            return f1.float().sum() + f2.float().sum()
-        f1, f2 = decorr.standardize(f1), decorr.standardize(f2)
-        return algorithm1(f1, f2, model.predictor.weight, args.partitions, args.inv_coef, args.cov_coef)[0]
-
-    def step_of(variant):
-        def step():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                value = loss(variant)
-            scaler.scale(value).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        return step
-    return {v: step_of(v) for v in variants}
+            return model
+        def head(x1, x2):
+            f1, f2 = (model.projector(model.backbone(x)) for x in (x1, x2))
+            if variant == "nohead":
+                return f1.float().sum() + f2.float().sum(),
+            f1, f2 = decorr.standardize(f1), decorr.standardize(f2)
+            return algorithm1(f1, f2, model.predictor.weight, args.partitions, args.inv_coef, args.cov_coef)
+        return head
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
+    return {v: functools.partial(decorr.train_step, forward(v), opt, scaler, x1, x2, 1e-5, dtype) for v in variants}
 
 def cmd_train(a, device):
     names = dict(decorr="decorr", algorithm1="algorithm1", nohead="no head")
@@ -282,7 +273,7 @@ def cmd_train(a, device):
         del steps
     headers = ["projector", "variant", "images/s", "step ms", "peak MiB", "head share", "timed steps"]
     notes = [f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, amp "
-             f"{a.amp}, {device.type}; a step is forward, backward and a plain SGD update; the three variants share "
+             f"{a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the three variants share "
              f"one model and take turns; median of up to {a.repeats} steps after {a.warmup} warm-up (none after "
              f"{a.max_time:g} s); peak: memory growth in a step (peak_bytes), gradients included. head = standardize + "
              "predictor + loss; head share = (t - t_no_head) / t."]
@@ -377,7 +368,7 @@ def cmd_data(a, device):
                   f"{B / step:.1f}", ms(step), "1"])
     headers = ["pipeline", "px", "where", "images/s", f"ms per batch of {B}", "data / step"]
     notes = [f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
-             f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (forward, backward, SGD update): median, amp "
+             f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (decorr.train_step: forward, backward, LARS): median, amp "
              f"{a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
              f"{k * B} images at a time ({k} batch(es): a timed run), so this is the share they add to a step; "
              "loader processes work beside it (on the same cores), above 1 it waits.",

@@ -300,8 +300,7 @@ class Folder(torch.utils.data.Dataset):
             raise UsageError(f"--data {root!r}: {str(e).splitlines()[0]}") from None
         self.root, self.samples, self.classes = root, scan.samples, scan.classes
         self.read(0)                                     # at least one image must be readable
-    def __len__(self):
-        return len(self.samples)
+    def __len__(self): return len(self.samples)
     def read(self, i):
         bad = []
         for path, label in (self.samples[(i + k) % len(self)] for k in range(len(self))):
@@ -479,9 +478,9 @@ class LARS(torch.optim.Optimizer):
     def step(self):           # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
-            dps = [p.grad for p in ps]
+            dps = [p.grad for p in ps]                        # changed in place: reset before each backward
             if g["lars"]:
-                dps = torch._foreach_add(dps, ps, alpha=g["weight_decay"])
+                torch._foreach_add_(dps, ps, alpha=g["weight_decay"])
                 pn, dn = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(dps))
                 torch._foreach_mul_(dps, list(torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0).unbind()))
             mu = [self.state[p]["mu"] for p in ps]
@@ -498,6 +497,18 @@ def make_optimizer(model, args):
 def learning_rate(step, total, warmup, base):          # linear warmup, then cosine decay to 0
     return (base * (step + 1) / warmup if step < warmup else
             base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+def train_step(model, opt, scaler, x1, x2, lr, amp):
+    """One update at learning rate lr, forward under autocast(amp): (loss, *terms), unread (bench.py times it)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(x1.device.type, dtype=amp, enabled=amp is not None):
+        loss, *terms = model(x1, x2)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss, *terms
 
 # ----------------------------------------------------------------------------- 6. diagnostics
 
@@ -582,8 +593,7 @@ def append_jsonl(path, row):
 
 def load_checkpoint(path):
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                     # garbage can look like a pickle header
+        with warnings.catch_warnings(action="ignore"):         # garbage can look like a pickle header
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
@@ -685,7 +695,8 @@ def main(argv=None):
     train, val, num_classes, small = load_data(args.data, args.data_root)
     spe, side = len(train) // args.batch_size, train.tensors[0].shape[-1] if small else args.img_size   # steps/epoch
     for bad, why in ((spe == 0, f"{len(train)} training images are fewer than --batch-size {args.batch_size}"),
-                     (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}")):
+                     (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}"),
+                     (args.compile and device.type != "cuda", "--compile is for CUDA: on CPUs torch miscompiles this model")):
         if bad:
             raise UsageError(why)
     if master:                                                # the diagnostics' fixed batches
@@ -731,13 +742,10 @@ def main(argv=None):
             print(f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)", flush=True)
         reported.update(bad)
         epoch, lr, seen_bad = step // spe, learning_rate(step, total, warmup, args.lr * args.batch_size / 256), seen_bad + len(bad)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, *term_values = model(x1, x2)
-        s = step + 1                                        # this step, once done
-        logs, diag = s % args.log_every == 0 or s == last, s % (args.diag_every or spe) == 0 or s == last
-        save = s == last or s % spe == 0 or s % (args.save_every_steps or spe) == 0
+        loss, *term_values = train_step(model, opt, scaler, x1, x2, lr, amp)
+        step += 1                                           # done
+        logs, diag = step % args.log_every == 0 or step == last, step % (args.diag_every or spe) == 0 or step == last
+        save = step == last or step % spe == 0 or step % (args.save_every_steps or spe) == 0
         if logs or diag or save:        # the CPU reads the device here only: in between, a GPU never waits for it
             stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
                                  *torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device)])
@@ -746,13 +754,8 @@ def main(argv=None):
                 stats[:-2] /= world
             loss_v, *values, bad_images, stopping = stats.tolist()                  # all ranks decide alike
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"non-finite loss ({loss_v}) at step {s}; the last good "
+                raise FloatingPointError(f"non-finite loss ({loss_v}) at step {step}; the last good "
                                          f"checkpoint is {ckpt_path} (step {saved}), left untouched")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step = s
         if master and (logs or stopping):
             now = time.time()
             ips, eta = (step - s_last) * args.batch_size / (now - t_last), (last - step) * (now - t0) / (step - step0)

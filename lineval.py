@@ -104,8 +104,7 @@ def read_checkpoint(path):
 
 def torch_load(path):
     """torch.load(weights_only=True), memory-mapped where the file allows (only what is used is read)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         for mmap in (True, False):                           # mmap needs torch.save's zip format
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

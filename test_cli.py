@@ -163,10 +163,12 @@ BAD = {
     "data-no-images": lambda t: ["--data", _folder(t, ("train", "val"))],
     "arch": lambda t: ["--arch", "resnet9"],
     "batch-abc": lambda t: ["--batch-size", "abc"],
+    "compile-cpu": lambda t: ["--compile"],      # torch's CPU code generator miscompiles the model (README)
 }
 EXPECT = {"proj-abc": "--proj", "proj-zero": "--proj", "partitions": "--partitions",
           "data-missing": "/nonexistent", "data-empty": "train/", "data-no-val": "val/",
-          "data-no-images": "class folder", "arch": "resnet9", "batch-abc": "--batch-size"}
+          "data-no-images": "class folder", "arch": "resnet9", "batch-abc": "--batch-size",
+          "compile-cpu": "--compile is for CUDA"}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -536,7 +538,7 @@ def test_baseline_lineval(loss_name, baseline_single):
     assert (res["arch"], res["small_stem"], res["data"], res["n_train"]) == ("resnet18", True, "synthetic", 256)
     assert 0 <= res["top1"] <= 100 and res["epochs"] == 2
 
-# ----------------------------------------------------------------------------- 8. bf16 autocast, compile
+# ----------------------------------------------------------------------------- 8. bf16 autocast
 
 
 def test_bf16_close_to_fp32(uninterrupted, tmp_path):
@@ -550,15 +552,3 @@ def test_bf16_close_to_fp32(uninterrupted, tmp_path):
     assert bf16 != fp32                                   # autocast is really on
     for x, y in zip(bf16, fp32):
         assert abs(x - y) <= 0.1 * abs(y), (bf16, fp32)
-
-
-def test_compile_one_step(uninterrupted, tmp_path):
-    """--compile runs a step and computes the eager loss."""
-    out = tmp_path / "out"
-    p = run(RESUME[:-4] + ["--seed", "1", "--compile", "--steps", "1", "--out", out], timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "compile" in header(p)
-    tr = train_rows(out)
-    assert [r["step"] for r in tr] == [1] and math.isfinite(tr[0]["loss"])
-    assert abs(tr[0]["loss"] - train_rows(uninterrupted)[0]["loss"]) <= 1e-4 * abs(tr[0]["loss"])
-    assert decorr.load_checkpoint(out / "checkpoint.pt")["step"] == 1

@@ -731,3 +731,28 @@ def test_lars_zero_parameter_uses_unit_trust_ratio():
     p.grad = torch.ones(2, 2)
     opt.step()
     assert torch.allclose(p.detach(), torch.full((2, 2), -0.1))
+
+
+def test_train_step_is_forward_backward_update():
+    """train_step (the run's step, which bench.py times) returns the loss and terms of the weights it
+    was given, then leaves the weights, BatchNorm statistics and LARS state of one update at lr."""
+    args = decorr.parse_args(["--proj", "16-8", "--batch-size", "8", "--amp", "none"])
+    torch.manual_seed(0)
+    nets = [decorr.Model(args), decorr.Model(args)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = {k: v.clone() for k, v in nets[0].state_dict().items()}
+    opts = [decorr.make_optimizer(n, args) for n in nets]
+    x1, x2 = torch.randn(2, 8, 3, 32, 32)
+    out = decorr.train_step(nets[0], opts[0], torch.amp.GradScaler("cpu", enabled=False), x1, x2, 0.5, None)
+    ref = nets[1](x1, x2)                                  # by hand: forward, backward, LARS at lr 0.5
+    ref[0].backward()
+    for gr in opts[1].param_groups:
+        gr["lr"] = 0.5
+    opts[1].step()
+    assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref))
+    after, by_hand = nets[0].state_dict(), nets[1].state_dict()
+    assert all(torch.equal(after[k], by_hand[k]) for k in after)
+    assert not torch.equal(after["predictor.weight"], start["predictor.weight"])    # it did update
+    assert not torch.equal(after["projector.1.running_mean"], start["projector.1.running_mean"])
+    mus = [[o.state[p]["mu"] for p in n.parameters() if p.requires_grad] for o, n in zip(opts, nets)]
+    assert all(torch.equal(a, b) for a, b in zip(*mus))

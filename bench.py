@@ -273,8 +273,8 @@ def cmd_train(a, device):
         del steps
     headers = ["projector", "variant", "images/s", "step ms", "peak MiB", "head share", "timed steps"]
     notes = [f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, amp "
-             f"{a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the three variants share "
-             f"one model and take turns; median of up to {a.repeats} steps after {a.warmup} warm-up (none after "
+             f"{a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the three variants "
+             f"share one model and take turns; median of up to {a.repeats} steps after {a.warmup} warm-up (none after "
              f"{a.max_time:g} s); peak: memory growth in a step (peak_bytes), gradients included. head = standardize + "
              "predictor + loss; head share = (t - t_no_head) / t."]
     return dict(results=results), md_table(headers, table), notes
@@ -368,8 +368,8 @@ def cmd_data(a, device):
                   f"{B / step:.1f}", ms(step), "1"])
     headers = ["pipeline", "px", "where", "images/s", f"ms per batch of {B}", "data / step"]
     notes = [f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
-             f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (decorr.train_step: forward, backward, LARS): median, amp "
-             f"{a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
+             f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (decorr.train_step: forward, backward, LARS): "
+             f"median, amp {a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
              f"{k * B} images at a time ({k} batch(es): a timed run), so this is the share they add to a step; "
              "loader processes work beside it (on the same cores), above 1 it waits.",
              f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f} (target 4). "

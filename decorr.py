@@ -11,52 +11,64 @@ on CPUs  3. the model  4. data, augmentation  5. LARS  6. diagnostics  7. files 
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
-import argparse, datetime, functools, hashlib, itertools, json, math, os, signal, sys, time, warnings
 
-from PIL import Image
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import TensorDataset
-from torchvision.transforms import v2
+from PIL import Image
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+from data import UsageError, batches, eval_transform, load_data, rank_world
 
 # ----------------------------------------------------------------------------- 1. the method
 
+
 class AllReduce(torch.autograd.Function):
     """Sum over the ranks of `group`, and so is its backward: exact gradients under DDP's mean."""
+
     @staticmethod
     def forward(ctx, x, group=None):
         ctx.group, x = group, x.contiguous().clone()
         dist.all_reduce(x, group=group)
         return x
+
     @staticmethod
     def backward(ctx, grad):
         return AllReduce.forward(ctx, grad, ctx.group), None
 
+
 class AllGather(torch.autograd.Function):
     """The rows of every rank of `group`; backward: my rows of the gradient summed over the ranks."""
+
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
         dist.all_gather_single(out, x.contiguous(), group=group)
         return out
+
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty(grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:])
         dist.reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
+
 def global_sum(x):
     return AllReduce.apply(x, None) if rank_world()[1] > 1 else x
+
 
 def batch_stats(x, dims):
     """Mean and biased variance over `dims` of the global batch (equal batches on all ranks)."""
@@ -64,10 +76,12 @@ def batch_stats(x, dims):
     mean = global_sum(x.mean(dims)) / world
     return mean, global_sum((x - mean.view(-1, *[1] * (x.dim() - 2))).pow(2).mean(dims)) / world
 
+
 def working_precision(*ts):
     """The tensors in float32, or all in float64 if one is: the losses' precision under autocast."""
     dtype = torch.float64 if torch.float64 in [t.dtype for t in ts] else torch.float32
     return [t.to(dtype) for t in ts]
+
 
 def standardize(f, eps=1e-5):
     """Std(f_i) = (f_i - mu_i) / sigma_i per dimension over the (global) batch, appendix eq. 33:
@@ -76,25 +90,30 @@ def standardize(f, eps=1e-5):
     mean, var = batch_stats(f, (0,))
     return (f - mean) / torch.sqrt(var + eps)
 
+
 class GramSquare(torch.autograd.Function):
     """scale * ||W[:, lo:hi]^T W||_F^2 with the symmetric backward 4 scale W[:, lo:hi] (W[:, lo:hi]^T W):
     for lo:hi = all, d||W^T W||^2/dW = 4 W (W^T W), one D^3 product where autograd spends two.
     With this rank's rows and scale = world size, the mean of the gradients over ranks is exact."""
+
     @staticmethod
     def forward(ctx, w, lo, hi, scale):
         b = w[:, lo:hi].T @ w
         ctx.save_for_backward(w, b)
         ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
         return scale * b.pow(2).sum()
+
     @staticmethod
     def backward(ctx, grad):
         w, b = ctx.saved_tensors
-        return 4 * ctx.scale * grad * (w[:, ctx.lo:ctx.hi] @ b), None, None, None
+        return 4 * ctx.scale * grad * (w[:, ctx.lo : ctx.hi] @ b), None, None, None
+
 
 @functools.cache
 def part_group(g, world):
     """The process group of this rank's block of g consecutive ranks (made once, by all ranks)."""
     return None if g == world else dist.new_subgroups(g)[0]
+
 
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
     """Algorithm 1 (appendix F): returns (loss, inv, cov) for standardized features f1, f2 (n x D,
@@ -116,33 +135,37 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
         (n, D), (rank, world) = f1.shape, rank_world()
         if n * world % parts:
             raise UsageError(f"a batch of {n * world} rows does not split into {parts} equal partitions")
-        m = n * world // parts                          # rows per part
-        g = math.lcm(n, m) // n                         # ranks per group: the fewest holding whole parts
-        group, lo = part_group(g, world) if g > 1 else None, rank % g * n       # lo: my first row in it
+        m = n * world // parts  # rows per part
+        g = math.lcm(n, m) // n  # ranks per group: the fewest holding whole parts
+        group, lo = part_group(g, world) if g > 1 else None, rank % g * n  # lo: my first row in it
         mine = lambda j: slice(min(max(j * m - lo, 0), n), min(max((j + 1) * m - lo, 0), n))  # of part j
         p1, p2 = f1 @ w.T, f2 @ w.T
         t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
         inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
         cov = 0.0
-        if m >= D:                      # each rank of a group: its block of rows of the D x D difference
+        if m >= D:  # each rank of a group: its block of rows of the D x D difference
             rows = slice(rank % g * D // g, (rank % g + 1) * D // g)
             wtw = w[:, rows].T @ w
             for p in (p1, p2):
-                for j in range(g * n // m):                                    # the group's parts
+                for j in range(g * n // m):  # the group's parts
                     c = p[mine(j)].T @ p[mine(j)]
                     c = AllReduce.apply(c, group) if g > 1 else c
                     cov = cov + (c[rows] / m - wtw).pow(2).sum() * world / parts
         else:
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
-                if g == 1:                                                      # whole parts: one product
+                if g == 1:  # whole parts: one product
                     gram = torch.bmm(p.view(-1, m, D), p.view(-1, m, D).transpose(1, 2)).pow(2).sum()
-                else:                                                           # my rows of my parts' Grams
+                else:  # my rows of my parts' Grams
                     q = AllGather.apply(p, group)
-                    gram = sum((p[mine(j)] @ q[j * m:(j + 1) * m].T).pow(2).sum() for j in range(lo // m, (lo + n - 1) // m + 1))
+                    gram = sum(
+                        (p[mine(j)] @ q[j * m : (j + 1) * m].T).pow(2).sum()
+                        for j in range(lo // m, (lo + n - 1) // m + 1)
+                    )
                 cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
     return loss, inv, cov
+
 
 def barlow_twins_loss(z1, z2, lambd=0.0051):
     """Barlow Twins (Zbontar et al., ICML 2021) as the official main.py: (loss, on_diag, off_diag),
@@ -154,6 +177,7 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
         on_diag = (1 - c.diagonal()).pow(2).sum()
         off_diag = c.pow(2).sum() - c.diagonal().pow(2).sum()
     return on_diag + lambd * off_diag, on_diag, off_diag
+
 
 def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
     """VICReg (Bardes, Ponce, LeCun, ICLR 2022) as the official main_vicreg.py: (loss, inv, var, cov),
@@ -171,11 +195,16 @@ def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
             cov = cov + (c.pow(2).sum() - c.diagonal().pow(2).sum()) / D
     return sim_coef * inv + std_coef * var + cov_coef * cov, inv, var, cov
 
+
 # ----------------------------------------------------------------------------- 2. SyncBatchNorm on CPU
+
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with statistics over all ranks, as standardize() (SyncBatchNorm refuses CPU tensors)."""
-    def _check_input_dim(self, x): pass        # BatchNorm1d and 2d alike
+
+    def _check_input_dim(self, x):
+        pass  # BatchNorm1d and 2d alike
+
     def forward(self, x):
         if not (self.training and rank_world()[1] > 1):
             return super().forward(x)
@@ -186,9 +215,10 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
             self.num_batches_tracked += 1
-        col = lambda v: v.view(-1, *[1] * (x.dim() - 2))          # per channel, broadcastable
+        col = lambda v: v.view(-1, *[1] * (x.dim() - 2))  # per channel, broadcastable
         y = (xf - col(mean)) / torch.sqrt(col(var) + self.eps)
         return (y * col(self.weight) + col(self.bias) if self.affine else y).to(x.dtype)
+
 
 def sync_batchnorm(module, device):
     """Every BatchNorm synchronised across processes, as in the paper (sec. 5.1)."""
@@ -203,9 +233,11 @@ def sync_batchnorm(module, device):
             sync_batchnorm(child, device)
     return module
 
+
 # ----------------------------------------------------------------------------- 3. the model
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+
 
 def build_backbone(arch, small_stem):
     """torchvision ResNet without fc, zero_init_residual=True (sec. 5.1); for images of 64 px or
@@ -216,24 +248,35 @@ def build_backbone(arch, small_stem):
     dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
+
 def parse_proj(spec):
     dims = [int(d) if d.isdigit() else 0 for d in spec.split("-")]
     if min(dims) <= 0:
         raise UsageError(f"--proj {spec!r} is not a list of positive widths like 8192-8192-8192")
     return dims
 
+
 def build_projector(in_dim, dims):
     """Linear + BatchNorm + ReLU between layers, plain Linear last; no biases (a BatchNorm follows)."""
-    layers = [mod for d_in, d in zip([in_dim] + dims, dims)
-              for mod in (nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True))]
+    layers = [
+        mod
+        for d_in, d in zip([in_dim] + dims, dims)
+        for mod in (nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True))
+    ]
     return nn.Sequential(*layers[:-2])
+
 
 class Model(nn.Module):
     """Backbone -> projector -> the loss of --loss; forward(x1, x2) returns (loss, *terms). For
     decorr, standardization and the predictor W; the baselines have no predictor."""
+
     def __init__(self, args):
         super().__init__()
-        self.args, (self.backbone, dim), dims = args, build_backbone(args.arch, args.img_size <= 64), parse_proj(args.proj)
+        self.args, (self.backbone, dim), dims = (
+            args,
+            build_backbone(args.arch, args.img_size <= 64),
+            parse_proj(args.proj),
+        )
         self.projector, D, self.predictor = build_projector(dim, dims), dims[-1], None
         if args.loss == "decorr":
             # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point
@@ -241,10 +284,11 @@ class Model(nn.Module):
             self.predictor = nn.Linear(D, D, bias=False)
             if args.identity_predictor or args.predictor_init == "identity":
                 self.predictor.weight.data.copy_(torch.eye(D))
-            self.predictor.weight.requires_grad_(not args.identity_predictor)   # Table 3: W fixed to I
+            self.predictor.weight.requires_grad_(not args.identity_predictor)  # Table 3: W fixed to I
+
     def forward(self, x1, x2):
         a = self.args
-        f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))   # BN statistics per view
+        f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # BN statistics per view
         if a.loss == "barlowtwins":
             return barlow_twins_loss(f1, f2, a.cov_coef)
         if a.loss == "vicreg":
@@ -253,250 +297,57 @@ class Model(nn.Module):
             f1, f2 = standardize(f1), standardize(f2)
         return decorr_loss(f1, f2, self.predictor.weight, a.partitions, a.inv_coef, a.cov_coef, a.stopgrad)
 
-# ----------------------------------------------------------------------------- 4. data
-
-SYNTH_TRAIN, SYNTH_VAL = 5000, 1000                    # images of the built-in data
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def synthetic_images(n, seed, size=32):
-    """10 classes of textures (stripes, checkerboards, rings, dots, spokes, grids, blobs), random
-    scale, phase, centre, colours and noise: the class lives in the shape, which survives the
-    augmentations; the colours, which a random network sees first, carry nothing. uint8, labels."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.rand(*s, generator=g)
-    y = torch.randperm(n, generator=g) % 10
-    t = torch.linspace(0, 1, size)
-    yy, xx = [c.expand(n, size, size) for c in torch.meshgrid(t, t, indexing="ij")]
-    phase, cx, cy = rnd(n, 1, 1) * 2 * math.pi, rnd(n, 1, 1), rnd(n, 1, 1)
-    r, theta = torch.hypot(xx - cx, yy - cy), torch.atan2(yy - cy, xx - cx)
-    diag = torch.where(rnd(n, 1, 1) < 0.5, xx + yy, xx - yy) / math.sqrt(2)
-    f = (2.5 + 3.5 * rnd(n, 1, 1)) * 2 * math.pi                         # random frequency
-    blobs = F.interpolate(torch.randn(n, 1, 4, 4, generator=g), size, mode="bicubic")[:, 0]
-    patterns = [
-        torch.sin(f * yy + phase),                                          # horizontal stripes
-        torch.sin(f * xx + phase),                                          # vertical stripes
-        torch.sin(f * diag + phase),                                        # diagonal stripes
-        torch.sign(torch.sin(f * xx + phase) * torch.sin(f * yy)),          # checkerboard
-        torch.sign(torch.sin(f * (xx + yy) / 1.4) * torch.sin(f * (xx - yy) / 1.4 + phase)),
-        torch.sin(f * 1.5 * r + phase),                                     # rings
-        (torch.cos(f * xx + phase) * torch.cos(f * yy) > 0.5).float() * 2 - 1,  # dots
-        torch.sin(torch.randint(3, 7, (n, 1, 1), generator=g) * theta + phase),  # spokes
-        ((torch.cos(f / 2 * xx + phase).abs() > 0.9) | (torch.cos(f / 2 * yy).abs() > 0.9)).float() * 2 - 1,
-        torch.tanh(2 * blobs),                                              # blobs
-    ]
-    u = torch.stack(patterns)[y, torch.arange(n)].unsqueeze(1)             # n x 1 x H x W in [-1, 1]
-    c1 = rnd(n, 3, 1, 1)
-    c2 = (c1 + 0.25 + 0.5 * rnd(n, 3, 1, 1)) % 1                  # every channel differs
-    img = c1 * (1 + u) / 2 + c2 * (1 - u) / 2 + 0.08 * torch.randn(n, 3, size, size, generator=g)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-class Folder(torch.utils.data.Dataset):
-    """Image folders (root/<class>/<image>) of (PIL image, label). An image that cannot be decoded
-    is replaced by the next one that can, the same every time; read(i) also names those skipped."""
-    def __init__(self, root):
-        try:
-            scan = torchvision.datasets.ImageFolder(root, loader=str)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UsageError(f"--data {root!r}: {str(e).splitlines()[0]}") from None
-        self.root, self.samples, self.classes = root, scan.samples, scan.classes
-        self.read(0)                                     # at least one image must be readable
-    def __len__(self): return len(self.samples)
-    def read(self, i):
-        bad = []
-        for path, label in (self.samples[(i + k) % len(self)] for k in range(len(self))):
-            try:
-                with open(path, "rb") as fh:
-                    return Image.open(fh).convert("RGB"), label, bad
-            except Exception:
-                bad.append(path)
-        raise UsageError(f"--data {self.root!r}: none of its {len(self)} images can be read")
-    def __getitem__(self, key):
-        """folder[i]: (image, label). folder[i, u, size]: the loader workers' part of training, both views
-        cropped and flipped by uniforms u as torchvision does (bicubic, antialias), and the skipped paths."""
-        if isinstance(key, int):
-            return self.read(key)[:2]
-        img, _, bad = self.read(key[0])
-        x, u = v2.functional.pil_to_tensor(img), torch.tensor(key[1], dtype=torch.float64)
-        views = [v2.functional.resized_crop(x, *box, [key[2]] * 2, v2.InterpolationMode.BICUBIC)
-                 for box in crop_boxes(u, *x.shape[1:]).long().tolist()]
-        return *[y.flip(-1) if flip < 0.5 else y for y, flip in zip(views, u[:, 22])], "\n".join(bad)
-
-def load_data(data, root="data"):
-    """(train, val, num_classes, small) for 'synthetic', 'cifar10', 'cifar100' (torchvision's files under
-    root, never downloaded; in memory, uint8) or image folders PATH/{train,val}/<class>/<image>."""
-    if data == "synthetic":
-        return TensorDataset(*synthetic_images(SYNTH_TRAIN, 0)), TensorDataset(*synthetic_images(SYNTH_VAL, 1)), 10, True
-    if data in ("cifar10", "cifar100"):
-        cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
-        try:                                             # torchvision checks the files' MD5 first
-            sets = [cls(root, train=t, download=False) for t in (True, False)]
-        except RuntimeError:
-            raise UsageError(f"{data} not found under --data-root {root!r}; download it there "
-                             f"once (torchvision.datasets.{cls.__name__}(root, download=True))") from None
-        sets = [TensorDataset(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                              torch.tensor(s.targets)) for s in sets]
-        return sets[0], sets[1], len(sets[0].tensors[1].unique()), True
-    if not os.path.isdir(data):
-        raise UsageError(f"--data {data!r}: no such directory (or use synthetic, cifar10, cifar100)")
-    for split in ("train", "val"):                       # both checked before any folder is scanned
-        if not os.path.isdir(os.path.join(data, split)):
-            raise UsageError(f"--data {data!r} has no {split}/ folder (ImageNet layout: {split}/<class>/<image>)")
-    train, val = Folder(os.path.join(data, "train")), Folder(os.path.join(data, "val"))
-    return train, val, len(train.classes), False
-
-def eval_transform(size, small):           # no augmentation; Resize + CenterCrop for large images
-    t = [v2.ToImage()] + ([] if small else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
-    return v2.Compose(t + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
-# Augmentation: the BYOL / Barlow Twins pipeline (NOTES.md) on batches, each image with its own
-# parameters, set by NU uniform numbers per view. They are drawn per global batch from a
-# generator seeded by (seed, epoch, batch), so, through the epoch's order, they are a function of
-# (seed, epoch, image index): not of the rank, the number of processes or a resume. Columns:
-#   0-9 crop area, 10-19 crop log-ratio (ten tries), 20-21 crop position, 22 flip, 23 jitter on,
-#   24-27 brightness, contrast, saturation, hue, 28-31 jitter order, 32 grayscale, 33 blur on,
-#   34 blur sigma, 35 solarize on
-NU, VIEWS = 36, ((1.0, 0.0), (0.1, 0.2))   # (blur p, solarize p) of view 1 and view 2
-AHEAD = dict(cuda=4096)   # in-memory data, images per call: a GPU is launch-bound, a CPU likes one batch (cache)
-
-def crop_boxes(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's boxes (top, left, height, width) by torchvision's rule: of ten tries of an
-    area and a log-uniform ratio the first that fits, else the whole image cut to the nearest ratio."""
-    H, W = (torch.as_tensor(s, dtype=torch.float64).expand(len(u)) for s in (H, W))
-    area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
-    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 10:20])
-    w, h = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
-    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
-    first, tried = fits.byte().argmax(1, keepdim=True), fits.any(1)
-    w = torch.where(tried, w.gather(1, first)[:, 0], torch.where(W / H > ratio[1], (H * ratio[1]).round(), W))
-    h = torch.where(tried, h.gather(1, first)[:, 0], torch.where(W / H < ratio[0], (W / ratio[0]).round(), H))
-    top = torch.where(tried, (u[:, 20] * (H - h + 1)).floor(), ((H - h) / 2).floor())
-    left = torch.where(tried, (u[:, 21] * (W - w + 1)).floor(), ((W - w) / 2).floor())
-    return torch.stack([top, left, h, w], 1)
-
-def resized_crops(x, u, size):
-    """RandomResizedCrop + flip of a batch in one bilinear resampling, as v2.functional.resized_crop
-    (BILINEAR) of each image (torchvision's pipeline: bicubic); no antialias (crops <= size here)."""
-    (n, _, H, W), t = x.shape, (torch.arange(size, device=x.device, dtype=torch.float64) + 0.5) / size
-    box, flip = (v.to(x.device, non_blocking=True) for v in (crop_boxes(u, H, W), u[:, 22] < 0.5))  # no sync
-    def coords(start, length, extent):          # sample positions in the crop, kept in it, in [-1, 1]
-        s = (t * length[:, None] - 0.5).clamp_min(0).minimum(length[:, None] - 1)
-        return (2 * (start[:, None] + s) + 1) / extent - 1
-    ys, xs = coords(box[:, 0], box[:, 2], H), coords(box[:, 1], box[:, 3], W)
-    xs = torch.where(flip[:, None], xs.flip(1), xs)                                      # flip p 0.5
-    grid = torch.stack([xs[:, None, :].expand(n, size, size), ys[:, :, None].expand(n, size, size)], 3)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-
-def gray(x):
-    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]   # ITU-R 601-2, as torchvision
-
-def blend(x, ref, f):
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * ref).clamp(0, 1)
-
-def hue_shift(x, shift):
-    """Hue turned by `shift` (a fraction of the circle) in HSV space, as torchvision's adjust_hue."""
-    (r, g, b), v, lo = x.unbind(1), x.amax(1), x.amin(1)
-    c = v - lo
-    cs = torch.where(c > 0, c, 1)
-    h = torch.where(v == r, (g - b) / cs, torch.where(v == g, 2 + (b - r) / cs, 4 + (r - g) / cs))
-    h, s = (h / 6 + shift.view(-1, 1, 1)) % 1, c / torch.where(v > 0, v, 1)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6
-    return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
-
-JITTER = (lambda x, f: blend(x, 0, f),                                        # brightness
-          lambda x, f: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f),    # contrast
-          lambda x, f: blend(x, gray(x), f),                                  # saturation
-          hue_shift)                                                          # hue
-
-def gaussian_blur(x, sigma, k=23):
-    """Per-image sigma, a k x k kernel, reflect padding: torchvision's GaussianBlur, separably."""
-    n, C, H, W = x.shape
-    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-    ker = torch.exp(-0.5 * (t / sigma.to(x).view(-1, 1)).pow(2))
-    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)
-    y = F.pad(x.reshape(1, n * C, H, W), [k // 2] * 4, mode="reflect")
-    y = F.conv2d(F.conv2d(y, ker.view(-1, 1, 1, k), groups=n * C), ker.view(-1, 1, k, 1), groups=n * C)
-    return y.view(n, C, H, W)
-
-def colour(x, u, blur_p, solarize_p, small):
-    """The rest of a view on a batch x in [0, 1]: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, its ops in a random
-    order per image as torchvision's, grayscale p 0.2, blur (not for small images), solarize, normalisation;
-    in float (torchvision rounds uint8 between ops). u stays on the CPU: nothing waits for the device."""
-    dev = lambda t: t.to(x.device, non_blocking=True)
-    on, order, ud, x = u[:, 23] < 0.8, u[:, 28:32].argsort(1), dev(u), x.clone()
-    f = torch.stack([0.6 + 0.8 * ud[:, 24], 0.6 + 0.8 * ud[:, 25], 0.8 + 0.4 * ud[:, 26], 0.2 * ud[:, 27] - 0.1], 1).to(x)
-    for turn in range(4):                 # each op runs on the images whose turn it is, only on them
-        for op, fn in enumerate(JITTER):
-            i = dev(torch.nonzero(on & (order[:, turn] == op))[:, 0])
-            if len(i):
-                x[i] = fn(x[i], f[i, op])
-    x = torch.where((ud[:, 32] < 0.2).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-    i = dev(torch.nonzero(u[:, 33] < blur_p)[:, 0])
-    if len(i) and not small:
-        x[i] = gaussian_blur(x[i], 0.1 + 1.9 * ud[i, 34])
-    x = torch.where((ud[:, 35] < solarize_p).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)
-
-def batches(train, small, args, device, first, last):
-    """(x1, x2, unreadable paths) for steps first+1..last: rank r's rows [r n, (r+1) n) of each global
-    batch, on the device; order from (seed, epoch), views from (seed, epoch, batch), no blur if small."""
-    (rank, world), B = rank_world(), args.batch_size
-    n, spe = B // world, len(train) // B
-    seed = lambda *k: torch.Generator().manual_seed(int(hashlib.sha256(repr(k).encode()).hexdigest()[:15], 16))
-    def plan():                                       # this rank's image indices and uniforms, per step
-        for step in range(first, last):
-            epoch, b = divmod(step, spe)
-            if step == first or b == 0:
-                order = torch.randperm(len(train), generator=seed(args.seed, epoch))
-            u = torch.rand(B, 2, NU, generator=seed(args.seed, epoch, b), dtype=torch.float64)
-            yield order[b * B:(b + 1) * B][rank * n:(rank + 1) * n], u[rank * n:(rank + 1) * n]
-    finish = lambda crops, u: [colour(c, u[:, v], *VIEWS[v], small).contiguous(memory_format=torch.channels_last)
-                               for v, c in enumerate(crops)]     # both views' crops on the device, in [0, 1]
-    if isinstance(train, TensorDataset):                 # the views of several steps at once
-        images, steps = train.tensors[0].to(device), plan()
-        while ahead := list(itertools.islice(steps, max(1, AHEAD.get(device.type, 0) // n))):
-            idx, u = torch.cat([i for i, _ in ahead]), torch.cat([u for _, u in ahead])
-            x = images[idx.to(device, non_blocking=True)].float() / 255
-            views = finish([resized_crops(x, u[:, v], args.img_size) for v in (0, 1)], u)
-            yield from ((*(v[s * n:(s + 1) * n] for v in views), []) for s in range(len(ahead)))
-        return
-    keys = ([(i, uu, args.img_size) for i, uu in zip(idx.tolist(), u.tolist())] for idx, u in plan())
-    loader = torch.utils.data.DataLoader(train, batch_sampler=keys, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    for (idx, u), (c1, c2, bad) in zip(plan(), loader):
-        crops = [c.to(device, non_blocking=True).float() / 255 for c in (c1, c2)]
-        yield *finish(crops, u), [p for b in bad for p in b.split("\n") if p]
 
 # ----------------------------------------------------------------------------- 5. optimisation
+
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in Barlow Twins: momentum, eta 0.001; groups with lars=False
     (biases, BatchNorm) get neither weight decay nor the trust ratio."""
+
     def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True)
+        )
         self.state.update({p: dict(mu=torch.zeros_like(p)) for g in self.param_groups for p in g["params"]})
+
     @torch.no_grad()
-    def step(self):           # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
+    def step(self):  # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
-            dps = [p.grad for p in ps]                        # changed in place: reset before each backward
+            dps = [p.grad for p in ps]  # changed in place: reset before each backward
             if g["lars"]:
                 torch._foreach_add_(dps, ps, alpha=g["weight_decay"])
                 pn, dn = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(dps))
-                torch._foreach_mul_(dps, list(torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0).unbind()))
+                torch._foreach_mul_(
+                    dps, list(torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0).unbind())
+                )
             mu = [self.state[p]["mu"] for p in ps]
             torch._foreach_mul_(mu, g["momentum"])
             torch._foreach_add_(mu, dps)
             torch._foreach_add_(ps, mu, alpha=-g["lr"])
 
+
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
-    return LARS([dict(params=[p for p in params if p.ndim > 1]),
-                 dict(params=[p for p in params if p.ndim <= 1], lars=False, weight_decay=0.0)],
-                lr=0.0, weight_decay=args.wd, eta=args.lars_eta)
+    return LARS(
+        [
+            dict(params=[p for p in params if p.ndim > 1]),
+            dict(params=[p for p in params if p.ndim <= 1], lars=False, weight_decay=0.0),
+        ],
+        lr=0.0,
+        weight_decay=args.wd,
+        eta=args.lars_eta,
+    )
 
-def learning_rate(step, total, warmup, base):          # linear warmup, then cosine decay to 0
-    return (base * (step + 1) / warmup if step < warmup else
-            base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+def learning_rate(step, total, warmup, base):  # linear warmup, then cosine decay to 0
+    return (
+        base * (step + 1) / warmup
+        if step < warmup
+        else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    )
+
 
 def train_step(model, opt, scaler, x1, x2, lr, amp):
     """One update at learning rate lr, forward under autocast(amp): (loss, *terms), unread (bench.py times it)."""
@@ -510,21 +361,26 @@ def train_step(model, opt, scaler, x1, x2, lr, amp):
     scaler.update()
     return loss, *terms
 
+
 # ----------------------------------------------------------------------------- 6. diagnostics
+
 
 def centred_unit(x, eps=1e-8):
     x = x.float() - x.float().mean(0)
     return x / (x.pow(2).mean(0).sqrt() + eps)
+
 
 def corr_dist(h):
     """Fig. 1's ||Sigma - I||_F^2 / D, Sigma the correlation of h, via ||Z^T Z/n||^2 = ||Z Z^T||^2/n^2."""
     z, (n, D) = centred_unit(h), h.shape
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
 
+
 def wp_offdiag(w):
     """W_p's energy off the diagonal, rows divided by their diagonal entry (Fig. 3b); 0 if diagonal."""
     wn = w.float() / w.float().diagonal().unsqueeze(1)
     return (1 - wn.shape[0] / wn.pow(2).sum()).item()
+
 
 def eff_rank(x):
     """exp(entropy of the normalised singular values) of the centred x: about r for rank r."""
@@ -532,20 +388,29 @@ def eff_rank(x):
     p = s / s.sum().clamp_min(1e-12)
     return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
 
-def collapsing(feat_std, rank):           # complete collapse, or one direction left (dimensional)
+
+def collapsing(feat_std, rank):  # complete collapse, or one direction left (dimensional)
     return feat_std < 1e-3 or rank < 2.0
+
 
 def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     """Cosine k-NN with exp(sim / t)-weighted votes, as in SSL papers (Wu et al. 2018)."""
     bank, query = F.normalize(bank.float(), dim=1), F.normalize(query.float(), dim=1)
     sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
-    votes = query.new_zeros(len(query), num_classes).scatter_add_(1, bank_y.to(idx.device)[idx], (sim / t).exp())
+    votes = query.new_zeros(len(query), num_classes).scatter_add_(
+        1, bank_y.to(idx.device)[idx], (sim / t).exp()
+    )
     return votes.argmax(1)
+
 
 def fixed_batch(ds, n, size, small, device):
     """n images spread over ds, without augmentation, and their labels: the diagnostics' batch."""
-    evaluate, items = eval_transform(size, small), [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]]
+    evaluate, items = (
+        eval_transform(size, small),
+        [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]],
+    )
     return torch.stack([evaluate(x) for x, _ in items]).to(device), torch.tensor([y for _, y in items])
+
 
 @torch.no_grad()
 def diagnostics(model, probe, bank, num_classes, amp=None):
@@ -555,23 +420,34 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
     with torch.autocast(xq.device.type, dtype=amp, enabled=amp is not None):
         h, hb = model.backbone(xq).float(), model.backbone(xb).float()
         z = model.projector(h).float()
-    out = dict(corr_dist=corr_dist(h), eff_rank_proj=eff_rank(centred_unit(z)), eff_rank_backbone=eff_rank(h),
-               feat_std=z.std(0).mean().item())
-    if model.predictor is not None:                      # decorr only
+    out = dict(
+        corr_dist=corr_dist(h),
+        eff_rank_proj=eff_rank(centred_unit(z)),
+        eff_rank_backbone=eff_rank(h),
+        feat_std=z.std(0).mean().item(),
+    )
+    if model.predictor is not None:  # decorr only
         out["wp_offdiag"] = wp_offdiag(model.predictor.weight)
     out["knn_top1"] = 100.0 * (knn_predict(hb, yb, h, num_classes).cpu() == yq).float().mean().item()
     model.train(was_training)
     return out
 
+
 def wp_picture(w, size=256):
     """Appendix C, Fig. 3: (a) |W_p|, (b) rows divided by their diagonal; side by side, uint8."""
     w = w.detach().float().cpu()
-    a, b = (F.interpolate(F.adaptive_avg_pool2d(m[None, None], min(size, len(m))), size)[0, 0]
-            for m in (w.abs(), (w / w.diagonal()[:, None]).abs()))
-    a = torch.cat([a / a.max().clamp_min(1e-12), torch.ones(size, 4), b / b.max().clamp_min(1e-12)], 1).clamp(0, 1)
-    return (torch.stack([a.sqrt(), a, a.pow(2)]) * 255).round().to(torch.uint8)   # dark to yellow
+    a, b = (
+        F.interpolate(F.adaptive_avg_pool2d(m[None, None], min(size, len(m))), size)[0, 0]
+        for m in (w.abs(), (w / w.diagonal()[:, None]).abs())
+    )
+    a = torch.cat([a / a.max().clamp_min(1e-12), torch.ones(size, 4), b / b.max().clamp_min(1e-12)], 1).clamp(
+        0, 1
+    )
+    return (torch.stack([a.sqrt(), a, a.pow(2)]) * 255).round().to(torch.uint8)  # dark to yellow
+
 
 # ----------------------------------------------------------------------------- 7. files
+
 
 def atomic_write(path, write):
     """write(file) to a temporary file, fsync, rename over path: a crash leaves the old or the new file."""
@@ -585,19 +461,24 @@ def atomic_write(path, write):
     os.fsync(dfd)
     os.close(dfd)
 
+
 def append_jsonl(path, row):
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
+
 def load_checkpoint(path):
     try:
-        with warnings.catch_warnings(action="ignore"):         # garbage can look like a pickle header
+        with warnings.catch_warnings(action="ignore"):  # garbage can look like a pickle header
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
-                         f"(truncated or not a decorr checkpoint? use --fresh to start over)") from None
+        raise UsageError(
+            f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
+            f"(truncated or not a decorr checkpoint? use --fresh to start over)"
+        ) from None
+
 
 # ----------------------------------------------------------------------------- 8. training
 
@@ -605,37 +486,101 @@ def load_checkpoint(path):
 # CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR. Then each
 # loss's coefficients (the official ones for the baselines) and the terms it logs.
 PROFILES = dict(
-    folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6, lars_eta=0.001),
-    cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4, lars_eta=0.02),
-    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02))
-LOSSES = dict(decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
-              barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
-              vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")))
-RUN_DEFINING = ("data", "arch", "proj", "img_size", "batch_size", "loss", "partitions", "seed", "no_std", "lr", "wd",
-                "identity_predictor", "predictor_init", "stopgrad", "inv_coef", "cov_coef", "std_coef", "lars_eta")
+    folder=dict(
+        arch="resnet50",
+        img_size=224,
+        proj="2048-2048-2048",
+        epochs=100,
+        batch_size=2048,
+        wd=1e-6,
+        lars_eta=0.001,
+    ),
+    cifar=dict(
+        arch="resnet18",
+        img_size=32,
+        proj="2048-2048-2048",
+        epochs=800,
+        batch_size=256,
+        wd=1e-4,
+        lars_eta=0.02,
+    ),
+    synthetic=dict(
+        arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02
+    ),
+)
+LOSSES = dict(
+    decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
+    barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
+    vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")),
+)
+RUN_DEFINING = (
+    "data",
+    "arch",
+    "proj",
+    "img_size",
+    "batch_size",
+    "loss",
+    "partitions",
+    "seed",
+    "no_std",
+    "lr",
+    "wd",
+    "identity_predictor",
+    "predictor_init",
+    "stopgrad",
+    "inv_coef",
+    "cov_coef",
+    "std_coef",
+    "lars_eta",
+)
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
 
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)")
+    a(
+        "--data",
+        default="synthetic",
+        help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)",
+    )
     a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
     a("--arch", choices=ARCHS, default=None, help="default: resnet50 for folders, else resnet18")
     a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
-    a("--proj", default=None, help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)")
+    a(
+        "--proj",
+        default=None,
+        help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)",
+    )
     a("--epochs", type=int, default=None)
     a("--batch-size", type=int, default=None, help="global batch, over all processes")
     a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
     a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
-    a("--lars-eta", type=float, default=None, help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)")
+    a(
+        "--lars-eta",
+        type=float,
+        default=None,
+        help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)",
+    )
     a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
     a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
-    a("--partitions", type=int, default=None, help="k, parts of the global batch (default: the number of processes)")
+    a(
+        "--partitions",
+        type=int,
+        default=None,
+        help="k, parts of the global batch (default: the number of processes)",
+    )
     a("--inv-coef", type=float, default=None, help="C_inv (default 1); vicreg: sim coef (25)")
-    a("--cov-coef", type=float, default=None, help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)")
+    a(
+        "--cov-coef",
+        type=float,
+        default=None,
+        help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)",
+    )
     a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
     a("--no-std", action="store_true", help="Table 3: no standardization")
     a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
@@ -647,24 +592,43 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
-    a("--log-every", type=int, default=10, help="log, and check for a signal or a non-finite loss, every N steps")
+    a(
+        "--log-every",
+        type=int,
+        default=10,
+        help="log, and check for a signal or a non-finite loss, every N steps",
+    )
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
     args, world = p.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1))
-    profile = PROFILES["synthetic" if args.data == "synthetic" else "cifar" if args.data in ("cifar10", "cifar100") else "folder"]
-    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.cpu._is_avx512_bf16_supported()
+    profile = PROFILES[
+        "synthetic"
+        if args.data == "synthetic"
+        else "cifar"
+        if args.data in ("cifar10", "cifar100")
+        else "folder"
+    ]
+    bf16 = (
+        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.cpu._is_avx512_bf16_supported()
+    )
     workers = max(0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    for k, v in dict(profile, partitions=world, amp="bf16" if bf16 else "none", workers=workers, **LOSSES[args.loss][0]).items():
+    for k, v in dict(
+        profile, partitions=world, amp="bf16" if bf16 else "none", workers=workers, **LOSSES[args.loss][0]
+    ).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     parse_proj(args.proj)
     for k in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
         if getattr(args, k) <= 0:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for parts, what in ((world, f"over {world} processes"), (args.partitions, f"into --partitions {args.partitions} equal parts")):
+    for parts, what in (
+        (world, f"over {world} processes"),
+        (args.partitions, f"into --partitions {args.partitions} equal parts"),
+    ):
         if args.batch_size % parts:
             raise UsageError(f"--batch-size {args.batch_size} does not split {what}")
     return args
+
 
 def resume(args, ckpt_path, log_path, master):
     """The checkpoint to continue, checked to be this run's; None to start (--fresh: the old moved aside)."""
@@ -678,39 +642,65 @@ def resume(args, ckpt_path, log_path, master):
         return None
     ckpt = load_checkpoint(ckpt_path)
     old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING if old.get(k) != getattr(args, k)]
+    diff = [
+        f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}"
+        for k in RUN_DEFINING
+        if old.get(k) != getattr(args, k)
+    ]
     if diff:
-        raise UsageError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); use the same ones, another --out, or --fresh")
+        raise UsageError(
+            f"{ckpt_path} was made with other settings ({'; '.join(diff)}); use the same ones, another --out, or --fresh"
+        )
     return ckpt
+
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     master, out = rank == 0, args.out
     say = print if master else (lambda *a, **k: None)
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
 
     # data and checkpoint before anything is written: bad input costs nothing
     train, val, num_classes, small = load_data(args.data, args.data_root)
-    spe, side = len(train) // args.batch_size, train.tensors[0].shape[-1] if small else args.img_size   # steps/epoch
-    for bad, why in ((spe == 0, f"{len(train)} training images are fewer than --batch-size {args.batch_size}"),
-                     (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}"),
-                     (args.compile and device.type != "cuda", "--compile is for CUDA: on CPUs torch miscompiles this model")):
+    spe, side = (
+        len(train) // args.batch_size,
+        train.tensors[0].shape[-1] if small else args.img_size,
+    )  # steps/epoch
+    for bad, why in (
+        (spe == 0, f"{len(train)} training images are fewer than --batch-size {args.batch_size}"),
+        (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}"),
+        (
+            args.compile and device.type != "cuda",
+            "--compile is for CUDA: on CPUs torch miscompiles this model",
+        ),
+    ):
         if bad:
             raise UsageError(why)
-    if master:                                                # the diagnostics' fixed batches
-        probe, bank = fixed_batch(val, 256, args.img_size, small, device), fixed_batch(train, 384, args.img_size, small, device)
+    if master:  # the diagnostics' fixed batches
+        probe, bank = (
+            fixed_batch(val, 256, args.img_size, small, device),
+            fixed_batch(train, 384, args.img_size, small, device),
+        )
     ckpt = resume(args, ckpt_path, log_path, master)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)                              # the initial weights: the only random draw
+    torch.manual_seed(args.seed)  # the initial weights: the only random draw
     raw = Model(args)
     raw = (sync_batchnorm(raw, device) if world > 1 else raw).to(device)
     raw.backbone.to(memory_format=torch.channels_last)
-    opt, scaler, step = make_optimizer(raw, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), 0
+    opt, scaler, step = (
+        make_optimizer(raw, args),
+        torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        0,
+    )
     if ckpt is not None:
         for obj, key in ((raw, "model"), (opt, "optimizer"), (scaler, "scaler")):
             obj.load_state_dict(ckpt[key])
@@ -719,62 +709,120 @@ def main(argv=None):
         del ckpt
     model = torch.compile(raw) if args.compile else raw
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if master:
         os.makedirs(out, exist_ok=True)
-        rows = [json.loads(r) for r in open(log_path).read().split("\n") if r.endswith("}")] if os.path.exists(log_path) else []
-        rows = [r for r in rows if r.get("step", 0) <= step]      # drop a line cut by a crash, and steps redone
+        rows = (
+            [json.loads(r) for r in open(log_path).read().split("\n") if r.endswith("}")]
+            if os.path.exists(log_path)
+            else []
+        )
+        rows = [r for r in rows if r.get("step", 0) <= step]  # drop a line cut by a crash, and steps redone
         atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):          # preemption (SLURM sends SIGUSR1 first)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption (SLURM sends SIGUSR1 first)
         signal.signal(sig, lambda s, f: stop.append(s))
 
-    total, terms, amp = args.epochs * spe, LOSSES[args.loss][1], dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    total, terms, amp = (
+        args.epochs * spe,
+        LOSSES[args.loss][1],
+        dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp),
+    )
     warmup, last = min(args.warmup_epochs * spe, total // 10), min(total, args.steps or total)
-    k = f" | partitions {args.partitions} of {args.batch_size // args.partitions} images" if raw.predictor else ""
-    say(f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, {args.epochs} "
-        f"epochs | batch {args.batch_size} on {world} x {device.type}{k} | amp {args.amp}{' compile' if args.compile else ''}")
+    k = (
+        f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
+        if raw.predictor
+        else ""
+    )
+    say(
+        f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, {args.epochs} "
+        f"epochs | batch {args.batch_size} on {world} x {device.type}{k} | amp {args.amp}{' compile' if args.compile else ''}"
+    )
     t0 = t_last = time.time()
     step0 = s_last = saved = step
     stopping, bad_images, seen_bad, reported = False, 0, 0, set()
     for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):
         for path in sorted(set(bad) - reported):
-            print(f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)", flush=True)
+            print(
+                f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)",
+                flush=True,
+            )
         reported.update(bad)
-        epoch, lr, seen_bad = step // spe, learning_rate(step, total, warmup, args.lr * args.batch_size / 256), seen_bad + len(bad)
+        epoch, lr, seen_bad = (
+            step // spe,
+            learning_rate(step, total, warmup, args.lr * args.batch_size / 256),
+            seen_bad + len(bad),
+        )
         loss, *term_values = train_step(model, opt, scaler, x1, x2, lr, amp)
-        step += 1                                           # done
-        logs, diag = step % args.log_every == 0 or step == last, step % (args.diag_every or spe) == 0 or step == last
+        step += 1  # done
+        logs, diag = (
+            step % args.log_every == 0 or step == last,
+            step % (args.diag_every or spe) == 0 or step == last,
+        )
         save = step == last or step % spe == 0 or step % (args.save_every_steps or spe) == 0
-        if logs or diag or save:        # the CPU reads the device here only: in between, a GPU never waits for it
-            stats = torch.stack([loss.detach(), *(t.detach() for t in term_values),
-                                 *torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device)])
+        if logs or diag or save:  # the CPU reads the device here only: in between, a GPU never waits for it
+            stats = torch.stack(
+                [
+                    loss.detach(),
+                    *(t.detach() for t in term_values),
+                    *torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device),
+                ]
+            )
             if world > 1:
                 dist.all_reduce(stats)
                 stats[:-2] /= world
-            loss_v, *values, bad_images, stopping = stats.tolist()                  # all ranks decide alike
+            loss_v, *values, bad_images, stopping = stats.tolist()  # all ranks decide alike
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"non-finite loss ({loss_v}) at step {step}; the last good "
-                                         f"checkpoint is {ckpt_path} (step {saved}), left untouched")
+                raise FloatingPointError(
+                    f"non-finite loss ({loss_v}) at step {step}; the last good "
+                    f"checkpoint is {ckpt_path} (step {saved}), left untouched"
+                )
         if master and (logs or stopping):
             now = time.time()
-            ips, eta = (step - s_last) * args.batch_size / (now - t_last), (last - step) * (now - t0) / (step - step0)
-            append_jsonl(log_path, dict(epoch=epoch, step=step, loss=loss_v, **dict(zip(terms, values)), lr=lr,
-                                        img_per_s=ips, bad_images=int(bad_images)))
-            say(f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} " + " ".join(f"{k} {v:.4f}" for k, v
-                in zip(terms, values)) + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}")
+            ips, eta = (
+                (step - s_last) * args.batch_size / (now - t_last),
+                (last - step) * (now - t0) / (step - step0),
+            )
+            append_jsonl(
+                log_path,
+                dict(
+                    epoch=epoch,
+                    step=step,
+                    loss=loss_v,
+                    **dict(zip(terms, values)),
+                    lr=lr,
+                    img_per_s=ips,
+                    bad_images=int(bad_images),
+                ),
+            )
+            say(
+                f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in zip(terms, values))
+                + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}"
+            )
             t_last, s_last = now, step
         if master and diag:
             t_diag = time.time()
             d = diagnostics(raw, probe, bank, num_classes, amp)
             append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
-            say(f"  diag step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in d.items())
-                + ("  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else ""))
+            say(
+                f"  diag step {step}: "
+                + " ".join(f"{k} {v:.3f}" for k, v in d.items())
+                + ("  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else "")
+            )
             if raw.predictor:
                 pic = Image.fromarray(wp_picture(raw.predictor.weight).permute(1, 2, 0).numpy())
                 atomic_write(os.path.join(out, "wp.png"), lambda fh: pic.save(fh, format="PNG"))
         if master and (save or stopping):
-            state = dict(args=vars(args), step=step, model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict())
+            state = dict(
+                args=vars(args),
+                step=step,
+                model=raw.state_dict(),
+                optimizer=opt.state_dict(),
+                scaler=scaler.state_dict(),
+            )
             atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
             saved = step
         if stopping:

@@ -1,7 +1,13 @@
 """Tests for bench.py: the Algorithm 1 reference, the measuring helpers, the bytes of partitions
 spanning processes, and each sub-command end to end at a tiny size in a subprocess (with -W
 error), so that the benchmark harness cannot rot. Run: pytest -q test_bench.py"""
-import json, os, platform, re, subprocess, sys
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run(*argv, timeout=300):
     """bench.py in a subprocess, warnings as errors, one thread (tiny sizes; a busy machine's
     oversubscribed thread pools would only slow it down)."""
-    return subprocess.run([sys.executable, "-W", "error", os.path.join(HERE, "bench.py"), *argv], capture_output=True,
-                          text=True, cwd=HERE, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, "-W", "error", os.path.join(HERE, "bench.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def table_rows(stdout):
@@ -31,7 +43,9 @@ def ok(p):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "Warning" not in p.stderr, p.stderr[-3000:]
 
+
 # ----------------------------------------------------------------------------- the reference
+
 
 @pytest.mark.parametrize("n,D,parts", [(32, 24, 1), (32, 24, 4), (32, 24, 16), (32, 6, 2)])
 def test_algorithm1_matches_decorr_loss(n, D, parts):
@@ -53,7 +67,7 @@ def test_algorithm1_is_the_per_part_formula():
     m, wtw, cov = n // parts, w.T @ w, 0.0
     for j in range(parts):
         for f in (f1, f2):
-            p = f[j * m:(j + 1) * m] @ w.T
+            p = f[j * m : (j + 1) * m] @ w.T
             cov += ((p.T @ p / m - wtw) ** 2).sum() / parts
     inv = ((f1 @ w.T - f2) ** 2).mean() + ((f2 @ w.T - f1) ** 2).mean()
     loss, inv_b, cov_b = bench.algorithm1(f1, f2, w, parts, 2.0, 3.0)
@@ -61,7 +75,9 @@ def test_algorithm1_is_the_per_part_formula():
     torch.testing.assert_close(inv_b, inv)
     torch.testing.assert_close(loss, 2.0 * inv + 3.0 / D * cov)
 
+
 # ----------------------------------------------------------------------------- helpers
+
 
 def test_md_table():
     lines = bench.md_table(["a", "long header"], [[1, "x"], ["wide cell", 2.5]]).splitlines()
@@ -73,16 +89,19 @@ def test_md_table():
 
 def test_measure_rounds():
     calls = dict(a=0, b=0)
+
     def fn(k):
         def f():
             calls[k] += 1
+
         return f
+
     cpu = torch.device("cpu")
     times = bench.measure(dict(a=fn("a"), b=fn("b")), cpu, 2, 5, 1e9)
     assert calls == dict(a=7, b=7) and [len(t) for t in times.values()] == [5, 5]
-    times = bench.measure(dict(a=fn("a"), b=fn("b")), cpu, 1, 5, 0.0)      # max_time spent: one round
+    times = bench.measure(dict(a=fn("a"), b=fn("b")), cpu, 1, 5, 0.0)  # max_time spent: one round
     assert calls == dict(a=9, b=9) and [len(t) for t in times.values()] == [1, 1]
-    assert bench.measure(dict(c=lambda: 0.25), cpu, 0, 3, 1e9) == dict(c=[0.25] * 3)   # times itself
+    assert bench.measure(dict(c=lambda: 0.25), cpu, 0, 3, 1e9) == dict(c=[0.25] * 3)  # times itself
 
 
 def test_peak_bytes_follows_live_memory():
@@ -114,10 +133,12 @@ def test_parts_bytes_at_the_paper_sizes():
     # k = 1: m = 2048 >= D, one D x D all-reduce per view, forward and backward, 2 x 7/8 of 16 MiB each
     assert bench.parts_bytes(2048, 8, 2048, 1) == (8, "D x D", 2 * 2 * 2 * 7 * 2048**2 * 4 // 8)
     assert bench.parts_bytes(2048, 8, 8192, 1) == (8, "Gram", 2 * 2 * 7 * 256 * 8192 * 4)
-    assert bench.parts_bytes(2048, 8, 8192, 32) == (1, "Gram", 0)          # k > W: parts inside ranks
-    assert bench.parts_bytes(6, 2, 64, 3)[0] == 2                           # parts straddling two ranks
+    assert bench.parts_bytes(2048, 8, 8192, 32) == (1, "Gram", 0)  # k > W: parts inside ranks
+    assert bench.parts_bytes(6, 2, 64, 3)[0] == 2  # parts straddling two ranks
+
 
 # ----------------------------------------------------------------------------- the sub-commands
+
 
 def test_loss_tiny(tmp_path):
     out = tmp_path / "loss.json"
@@ -128,13 +149,13 @@ def test_loss_tiny(tmp_path):
     assert {"matmul bound ms", "ours / bound", "ours peak MiB", "memory ratio", "rel. diff"} <= set(header)
     assert [r[:2] for r in rows] == [["8", "1"], ["8", "4"], ["32", "1"], ["32", "4"]]
     for r in rows:
-        assert all(c == "-" or float(c) >= 0 for c in r), r     # numbers; "-" only for a 0-byte ratio
+        assert all(c == "-" or float(c) >= 0 for c in r), r  # numbers; "-" only for a 0-byte ratio
         assert float(r[2]) > 0 and float(r[3]) > 0 and float(r[-1]) < 1e-4
     doc = json.loads(out.read_text())
     assert doc["command"] == "loss" and doc["settings"]["rows"] == 16 and doc["markdown"] in p.stdout
     assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["threads"] == 1
     for r in doc["results"]:
-        gram = r["rows"] // r["parts"] < r["D"]                 # the bound is timed for the Gram form only
+        gram = r["rows"] // r["parts"] < r["D"]  # the bound is timed for the Gram form only
         for name in ("decorr_loss", "algorithm1") + (("bound",) if gram else ()):
             assert 1 <= len(r[name]["times"]) <= 2 and r[name]["seconds"] > 0
         assert (r["ours_over_bound"] is not None) == gram == (r["bound"].get("seconds") is not None)
@@ -144,8 +165,23 @@ def test_loss_tiny(tmp_path):
 
 def test_train_tiny(tmp_path):
     out = tmp_path / "train.json"
-    p = run("train", "--projs", "32-16", "--img-size", "8", "--batch", "4", "--parts", "2", "--repeats", "1",
-            "--amp", "none", "--json", str(out))
+    p = run(
+        "train",
+        "--projs",
+        "32-16",
+        "--img-size",
+        "8",
+        "--batch",
+        "4",
+        "--parts",
+        "2",
+        "--repeats",
+        "1",
+        "--amp",
+        "none",
+        "--json",
+        str(out),
+    )
     ok(p)
     header, rows = table_rows(p.stdout)
     assert header[:3] == ["projector", "variant", "images/s"] and "head share" in header
@@ -161,18 +197,39 @@ def test_train_tiny(tmp_path):
 
 def test_data_tiny(tmp_path):
     out = tmp_path / "data.json"
-    p = run("data", "--batch", "8", "--threads", "1", "--workers", "1", "--folder-size", "40",
-            "--repeats", "1", "--amp", "none", "--json", str(out))
+    p = run(
+        "data",
+        "--batch",
+        "8",
+        "--threads",
+        "1",
+        "--workers",
+        "1",
+        "--folder-size",
+        "40",
+        "--repeats",
+        "1",
+        "--amp",
+        "none",
+        "--json",
+        str(out),
+    )
     ok(p)
-    summary = json.loads(p.stdout.strip().splitlines()[-1])           # the last line: one JSON object
-    assert summary["speedup_32px"] == pytest.approx(summary["batched_img_per_s"] / summary["per_sample_img_per_s"])
+    summary = json.loads(p.stdout.strip().splitlines()[-1])  # the last line: one JSON object
+    assert summary["speedup_32px"] == pytest.approx(
+        summary["batched_img_per_s"] / summary["per_sample_img_per_s"]
+    )
     assert summary["threads"] == 1 and summary["workers"] == 1 and summary["batch"] == 8
     assert all(summary[k] > 0 for k in ("batched_img_per_s", "folder_img_per_s", "train_img_per_s", "step_s"))
     header, rows = table_rows(p.stdout)
     assert header[3] == "images/s" and header[-1] == "data / step"
-    assert [r[0] for r in rows] == ["decorr.batches, batched", "torchvision v2, per sample",
-                                    "torchvision v2, per sample", "decorr.batches, JPEG folder",
-                                    "training step: decorr.Model resnet18 4096-256"]
+    assert [r[0] for r in rows] == [
+        "data.batches, batched",
+        "torchvision v2, per sample",
+        "torchvision v2, per sample",
+        "data.batches, JPEG folder",
+        "training step: decorr.Model resnet18 4096-256",
+    ]
     assert all(float(r[3]) > 0 for r in rows) and rows[3][-1] == "-" and rows[4][-1] == "1"
     doc = json.loads(out.read_text())
     assert doc["summary"] == summary and len(doc["results"]) == 4
@@ -183,32 +240,71 @@ def test_parts_tiny(tmp_path):
     """Two gloo processes: the bytes counted on decorr_loss's collectives are the layout's, in the
     Gram form (D 16) and the D x D form (D 4); k = W sends nothing."""
     out = tmp_path / "parts.json"
-    p = run("parts", "--world", "2", "--batch", "8", "--dims", "16,4", "--parts", "1,2", "--repeats", "1",
-            "--json", str(out))
+    p = run(
+        "parts",
+        "--world",
+        "2",
+        "--batch",
+        "8",
+        "--dims",
+        "16,4",
+        "--parts",
+        "1,2",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     ok(p)
     header, rows = table_rows(p.stdout)
     assert header[:5] == ["W", "B", "n = B/W", "D", "k"]
     res = json.loads(out.read_text())["results"]
     measured = [r for r in res if "seconds" in r]
-    assert [(r["D"], r["parts"], r["form"]) for r in measured] == [(16, 1, "Gram"), (16, 2, "Gram"),
-                                                                   (4, 1, "D x D"), (4, 2, "D x D")]
+    assert [(r["D"], r["parts"], r["form"]) for r in measured] == [
+        (16, 1, "Gram"),
+        (16, 2, "Gram"),
+        (4, 1, "D x D"),
+        (4, 2, "D x D"),
+    ]
     for r in measured:
-        assert r["counted_bytes"] == r["bytes"] == (0 if r["parts"] == 2 else bench.parts_bytes(8, 2, r["D"], 1)[2])
+        assert (
+            r["counted_bytes"]
+            == r["bytes"]
+            == (0 if r["parts"] == 2 else bench.parts_bytes(8, 2, r["D"], 1)[2])
+        )
         assert r["seconds"] > 0
     assert all(r["bytes"] > 0 for r in measured if r["parts"] == 1)
     paper = [(r["world"], r["batch"], r["D"], r["parts"]) for r in res if "seconds" not in r]
     assert paper == [(8, 2048, D, k) for D in (2048, 8192) for k in (1, 2, 8)]
 
+
 # ----------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("argv", [
-    [], ["nope"], ["loss", "--dims", "a,b"], ["loss", "--dims", "0"], ["loss", "--rows", "10", "--parts", "3"],
-    ["loss", "--max-time", "0"], ["loss", "--json", "/no/such/dir/x.json"], ["loss", "--bogus"],
-    ["train", "--projs", "12-x"], ["train", "--projs", "2048-0"], ["train", "--arch", "vgg"],
-    ["train", "--batch", "6", "--parts", "4"], ["train", "--amp", "fp8"], ["train", "--warmup", "0"],
-    ["data", "--workers", "-1"], ["data", "--threads", "0"], ["parts", "--world", "4", "--batch", "10"],
-    ["parts", "--batch", "8", "--parts", "3"], ["parts", "--max-time", "5"],
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["loss", "--dims", "a,b"],
+        ["loss", "--dims", "0"],
+        ["loss", "--rows", "10", "--parts", "3"],
+        ["loss", "--max-time", "0"],
+        ["loss", "--json", "/no/such/dir/x.json"],
+        ["loss", "--bogus"],
+        ["train", "--projs", "12-x"],
+        ["train", "--projs", "2048-0"],
+        ["train", "--arch", "vgg"],
+        ["train", "--batch", "6", "--parts", "4"],
+        ["train", "--amp", "fp8"],
+        ["train", "--warmup", "0"],
+        ["data", "--workers", "-1"],
+        ["data", "--threads", "0"],
+        ["parts", "--world", "4", "--batch", "10"],
+        ["parts", "--batch", "8", "--parts", "3"],
+        ["parts", "--max-time", "5"],
+    ],
+)
 def test_bad_input_one_line_exit_2(argv, capsys):
     assert bench.cli(argv) == 2
     out, err = capsys.readouterr()

@@ -2,7 +2,15 @@
 process, or two under torchrun) on the built-in synthetic data with a tiny configuration (ResNet-18
 at 32 px, batch 32, projector 64-64, no autocast, no loader processes, a handful of steps). The runs
 are module fixtures, each made once and checked by several tests."""
-import json, math, os, shutil, signal, subprocess, sys, time
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +26,17 @@ import decorr  # noqa: E402
 SMALL = ["--batch-size", "32", "--proj", "64-64", "--amp", "none", "--workers", "0", "--log-every", "1"]
 # constant lr 1.0 (0.125 after batch scaling): the decorr loss falls by ~20% in 10 steps
 FAST = SMALL + ["--epochs", "1", "--warmup-epochs", "0", "--lr", "1.0"]
-TRAIN = FAST + ["--steps", "10", "--diag-every", "5", "--partitions", "2"]   # section 1's run
-WORLD = FAST + ["--steps", "3"]                                              # section 6's runs
+TRAIN = FAST + ["--steps", "10", "--diag-every", "5", "--partitions", "2"]  # section 1's run
+WORLD = FAST + ["--steps", "3"]  # section 6's runs
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "decorr.py")
 TERMS = {"decorr": ("inv", "cov"), "barlowtwins": ("on_diag", "off_diag"), "vicreg": ("inv", "var", "cov")}
-DIAG_KEYS = {"corr_dist", "eff_rank_proj", "eff_rank_backbone", "feat_std", "knn_top1"}   # + wp_offdiag (decorr)
+DIAG_KEYS = {
+    "corr_dist",
+    "eff_rank_proj",
+    "eff_rank_backbone",
+    "feat_std",
+    "knn_top1",
+}  # + wp_offdiag (decorr)
 FILES = ["backbone.pt", "checkpoint.pt", "log.jsonl", "wp.png"]
 
 
@@ -81,6 +95,7 @@ def write_png(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
 
+
 # ----------------------------------------------------------------------------- 1. a short real run
 
 
@@ -99,7 +114,7 @@ def test_short_run(trained):
     head = header(p)
     assert head.startswith("decorr | resnet18 64-64 | synthetic: 5000 images,"), head
     assert "| batch 32 on 1 x cpu | partitions 2 of 16 images | amp none" in head, head
-    assert sorted(os.listdir(out)) == FILES                 # no temporary file left
+    assert sorted(os.listdir(out)) == FILES  # no temporary file left
 
     log = rows(out)
     tr = [r for r in log if "loss" in r]
@@ -110,11 +125,11 @@ def test_short_run(trained):
         assert all(math.isfinite(r[k]) for k in ("loss", "inv", "cov", "lr")), r
         assert r["lr"] > 0
     losses = [r["loss"] for r in tr]
-    assert losses[-1] < 0.95 * losses[0], losses            # the loss goes down (~20% here)
+    assert losses[-1] < 0.95 * losses[0], losses  # the loss goes down (~20% here)
     assert max(r["lr"] for r in tr) <= 1.0 * 32 / 256 + 1e-12  # lr scaled by batch / 256
 
     diag = [r for r in log if "corr_dist" in r]
-    assert [r["step"] for r in diag] == [5, 10]               # --diag-every 5
+    assert [r["step"] for r in diag] == [5, 10]  # --diag-every 5
     for r in diag:
         assert DIAG_KEYS | {"wp_offdiag"} <= r.keys(), r
         assert all(math.isfinite(r[k]) for k in DIAG_KEYS | {"wp_offdiag"}), r
@@ -124,7 +139,7 @@ def test_short_run(trained):
 
     ckpt = decorr.load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 10 and ckpt["args"]["proj"] == "64-64" and ckpt["args"]["partitions"] == 2
-    assert "rng" not in ckpt                                  # nothing random is drawn after the init
+    assert "rng" not in ckpt  # nothing random is drawn after the init
 
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -136,7 +151,8 @@ def test_short_run(trained):
 
     with Image.open(out / "wp.png") as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (516, 256)
-        assert any(lo < hi for lo, hi in img.getextrema())   # not a blank picture
+        assert any(lo < hi for lo, hi in img.getextrema())  # not a blank picture
+
 
 # ----------------------------------------------------------------------------- 2. bad input
 
@@ -163,12 +179,20 @@ BAD = {
     "data-no-images": lambda t: ["--data", _folder(t, ("train", "val"))],
     "arch": lambda t: ["--arch", "resnet9"],
     "batch-abc": lambda t: ["--batch-size", "abc"],
-    "compile-cpu": lambda t: ["--compile"],      # torch's CPU code generator miscompiles the model (README)
+    "compile-cpu": lambda t: ["--compile"],  # torch's CPU code generator miscompiles the model (README)
 }
-EXPECT = {"proj-abc": "--proj", "proj-zero": "--proj", "partitions": "--partitions",
-          "data-missing": "/nonexistent", "data-empty": "train/", "data-no-val": "val/",
-          "data-no-images": "class folder", "arch": "resnet9", "batch-abc": "--batch-size",
-          "compile-cpu": "--compile is for CUDA"}
+EXPECT = {
+    "proj-abc": "--proj",
+    "proj-zero": "--proj",
+    "partitions": "--partitions",
+    "data-missing": "/nonexistent",
+    "data-empty": "train/",
+    "data-no-val": "val/",
+    "data-no-images": "class folder",
+    "arch": "resnet9",
+    "batch-abc": "--batch-size",
+    "compile-cpu": "--compile is for CUDA",
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -184,27 +208,31 @@ def test_bad_input(case, tmp_path):
 def test_batch_not_splitting_over_processes(tmp_path, monkeypatch):
     """--batch-size must split over the processes (one line, before any process group starts); k need
     not be a multiple of the number of processes."""
-    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")      # as torchrun sets it for rank 0
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")  # as torchrun sets it for rank 0
     out = tmp_path / "out"
-    p = run(SMALL + ["--steps", "1", "--batch-size", "33", "--partitions", "3", "--out", out], timeout=120, env=env)
+    p = run(
+        SMALL + ["--steps", "1", "--batch-size", "33", "--partitions", "3", "--out", out],
+        timeout=120,
+        env=env,
+    )
     line = assert_one_error_line(p)
     assert "--batch-size 33 does not split over 2 processes" in line, line
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert decorr.parse_args(["--batch-size", "30", "--partitions", "3"]).partitions == 3
-    assert decorr.parse_args(["--batch-size", "30"]).partitions == 2                  # default: WORLD_SIZE
+    assert decorr.parse_args(["--batch-size", "30"]).partitions == 2  # default: WORLD_SIZE
 
 
 def test_garbage_checkpoint_is_kept(tmp_path):
     """A checkpoint that is not one: one line naming it and --fresh; the file stays, nothing is added."""
     out = tmp_path / "out"
     out.mkdir()
-    junk = b"\x80\x32" + bytes(range(256)) * 20         # starts like a pickle of protocol 50
+    junk = b"\x80\x32" + bytes(range(256)) * 20  # starts like a pickle of protocol 50
     (out / "checkpoint.pt").write_bytes(junk)
     line = assert_one_error_line(run(SMALL + ["--steps", "1", "--out", out], timeout=120))
     assert "cannot load checkpoint" in line and "checkpoint.pt" in line and "--fresh" in line
     assert (out / "checkpoint.pt").read_bytes() == junk
-    assert sorted(os.listdir(out)) == ["checkpoint.pt"]      # no log.jsonl, no temporary file
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"]  # no log.jsonl, no temporary file
 
 
 def test_truncated_checkpoint_is_kept(trained, tmp_path):
@@ -245,6 +273,7 @@ def test_resume_with_other_loss(trained, tmp_path):
     assert "--loss decorr -> vicreg" in line, line
     assert "--proj" not in line and "--lr" not in line
 
+
 # ----------------------------------------------------------------------------- 3. resume after SIGTERM
 
 RESUME = SMALL + ["--steps", "6", "--seed", "1"]
@@ -261,8 +290,9 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     old checkpoint and log aside."""
     a, b = uninterrupted, tmp_path / "b"
     with open(tmp_path / "b.stdout", "w") as so, open(tmp_path / "b.stderr", "w") as se:
-        proc = subprocess.Popen([sys.executable, "decorr.py", *map(str, RESUME + ["--out", b])],
-                                cwd=ROOT, stdout=so, stderr=se)
+        proc = subprocess.Popen(
+            [sys.executable, "decorr.py", *map(str, RESUME + ["--out", b])], cwd=ROOT, stdout=so, stderr=se
+        )
         try:
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None:
@@ -280,7 +310,7 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     stopped = decorr.load_checkpoint(b / "checkpoint.pt")["step"]
     assert 2 <= stopped < 6, f"the signal came too late to test a resume (step {stopped})"
     assert train_rows(b)[-1]["step"] == stopped
-    assert not (b / "backbone.pt").exists()                  # only a finished run exports
+    assert not (b / "backbone.pt").exists()  # only a finished run exports
 
     pb = run(RESUME + ["--out", b])
     assert pb.returncode == 0, pb.stderr[-3000:]
@@ -290,7 +320,10 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(1, 7))
     for ra, rb in zip(la, lb):
         # bitwise: CPU kernels are deterministic and the views are seeded by (seed, epoch, index)
-        assert (ra["loss"], ra["inv"], ra["cov"], ra["lr"]) == (rb["loss"], rb["inv"], rb["cov"], rb["lr"]), (ra, rb)
+        assert (ra["loss"], ra["inv"], ra["cov"], ra["lr"]) == (rb["loss"], rb["inv"], rb["cov"], rb["lr"]), (
+            ra,
+            rb,
+        )
     ca, cb = (decorr.load_checkpoint(d / "checkpoint.pt") for d in (a, b))
     assert ca["step"] == cb["step"] == 6
     assert ca["model"].keys() == cb["model"].keys()
@@ -305,11 +338,12 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert "resumed from" not in pf.stdout and "--fresh" in pf.stdout
     moved = [f for f in os.listdir(b) if f.startswith("checkpoint.pt.") and ".tmp" not in f]
     assert len(moved) == 1, os.listdir(b)
-    assert (b / ("log.jsonl" + moved[0][len("checkpoint.pt"):])).exists()
+    assert (b / ("log.jsonl" + moved[0][len("checkpoint.pt") :])).exists()
     old = decorr.load_checkpoint(b / moved[0])
     assert old["step"] == 6 and torch.equal(old["model"]["predictor.weight"], cb["model"]["predictor.weight"])
     assert decorr.load_checkpoint(b / "checkpoint.pt")["step"] == 1
     assert [r["step"] for r in train_rows(b)] == [1]
+
 
 # ----------------------------------------------------------------------------- 4. atomic write
 
@@ -332,9 +366,10 @@ def test_atomic_write_survives_kill(tmp_path):
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
     assert "not reached" not in p.stdout
     tmp = [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    assert len(tmp) == 1 and (tmp_path / tmp[0]).stat().st_size > 16_000_000   # the new one was written
+    assert len(tmp) == 1 and (tmp_path / tmp[0]).stat().st_size > 16_000_000  # the new one was written
     back = decorr.load_checkpoint(path)
     assert back["step"] == 3 and torch.equal(back["model"], old["model"])
+
 
 # ----------------------------------------------------------------------------- 5. non-finite loss
 
@@ -360,8 +395,11 @@ exec(compile(block, decorr.__file__, "exec"), ns)
 def test_nan_loss_stops_with_last_checkpoint(tmp_path):
     """A non-finite loss stops the run with one line naming the step and the last good checkpoint."""
     out = tmp_path / "out"
-    p = run(SMALL + ["--steps", "8", "--save-every-steps", "2", "--out", out],
-            script=("-c", NAN_FROM_4TH_CALL), timeout=300)
+    p = run(
+        SMALL + ["--steps", "8", "--save-every-steps", "2", "--out", out],
+        script=("-c", NAN_FROM_4TH_CALL),
+        timeout=300,
+    )
     line = assert_one_error_line(p, code=1)
     assert "non-finite loss" in line and "at step 4" in line, line
     assert str(out / "checkpoint.pt") in line and "(step 2)" in line, line
@@ -370,6 +408,7 @@ def test_nan_loss_stops_with_last_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
     assert not (out / "backbone.pt").exists()
+
 
 # ----------------------------------------------------------------------------- 6. torchrun, 2 processes
 
@@ -395,7 +434,9 @@ def double_default(tmp_path_factory):
 def test_default_partitions_one_per_process(single_k1, double_default):
     """Without --partitions, k is the number of processes: 1 for python, 2 under torchrun."""
     assert "| batch 32 on 1 x cpu | partitions 1 of 32 images |" in header(single_k1[1]), header(single_k1[1])
-    assert "| batch 32 on 2 x cpu | partitions 2 of 16 images |" in header(double_default[1]), header(double_default[1])
+    assert "| batch 32 on 2 x cpu | partitions 2 of 16 images |" in header(double_default[1]), header(
+        double_default[1]
+    )
     assert decorr.load_checkpoint(single_k1[0] / "checkpoint.pt")["args"]["partitions"] == 1
     assert decorr.load_checkpoint(double_default[0] / "checkpoint.pt")["args"]["partitions"] == 2
 
@@ -407,8 +448,11 @@ def test_no_warnings(name, request):
     out, p = request.getfixturevalue(name)
     assert_no_warnings(p)
     if name.startswith("double"):
-        other = [l for l in p.stderr.splitlines()
-                 if l.strip() and set(l.strip()) != {"*"} and not l.startswith("Setting OMP_NUM_THREADS")]
+        other = [
+            l
+            for l in p.stderr.splitlines()
+            if l.strip() and set(l.strip()) != {"*"} and not l.startswith("Setting OMP_NUM_THREADS")
+        ]
         assert not other, p.stderr[-3000:]
 
 
@@ -419,7 +463,7 @@ def test_torchrun_two_processes(name, request):
     out, p = request.getfixturevalue(name)
     assert "terminate called" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stdout.count("done at step 3") == 1
-    assert p.stdout.count(" | amp none") == 1                 # one header
+    assert p.stdout.count(" | amp none") == 1  # one header
     assert sorted(os.listdir(out)) == FILES
     assert [r["step"] for r in rows(out) if "corr_dist" in r] == [3]
     tr = train_rows(out)
@@ -441,24 +485,25 @@ def test_world_size_same_weights(single_k1, double_k1):
     differs by under 2% of how far it moved from the initial weights (float rounding: <= 0.3%)."""
     a = decorr.load_checkpoint(single_k1[0] / "checkpoint.pt")["model"]
     b = decorr.load_checkpoint(double_k1[0] / "checkpoint.pt")["model"]
-    torch.manual_seed(0)                                      # the script's initial weights (--seed 0)
+    torch.manual_seed(0)  # the script's initial weights (--seed 0)
     init = decorr.Model(decorr.parse_args(WORLD)).state_dict()
     assert a.keys() == b.keys() == init.keys()
     for k, w0 in init.items():
         if not w0.is_floating_point():
-            assert torch.equal(a[k], b[k]), k                 # num_batches_tracked
+            assert torch.equal(a[k], b[k]), k  # num_batches_tracked
             continue
         moved = (a[k] - w0).norm().item()
-        assert moved > 0, k                                   # every tensor trains
+        assert moved > 0, k  # every tensor trains
         assert (b[k] - a[k]).norm().item() <= 0.02 * moved, (k, moved, (b[k] - a[k]).norm().item())
-        if w0.dim() > 1:                                      # LARS moves a matrix by ~1% in 3 steps, so
-            assert moved <= 0.05 * w0.norm().item(), k        # init really is the run's starting point
+        if w0.dim() > 1:  # LARS moves a matrix by ~1% in 3 steps, so
+            assert moved <= 0.05 * w0.norm().item(), k  # init really is the run's starting point
 
 
 def test_two_process_forward_deterministic(double_k1, double_default):
     """Both 2-process runs start from the same weights and views: step 1's invariance term (which
     does not depend on k) is bitwise the same."""
     assert train_rows(double_k1[0])[0]["inv"] == train_rows(double_default[0])[0]["inv"]
+
 
 # ----------------------------------------------------------------------------- 7. baselines
 
@@ -467,8 +512,10 @@ def test_two_process_forward_deterministic(double_k1, double_default):
 # lr tried (0.3 to 10; its sim and std terms balance at the initial scale), with sim coef 5 and lr 3.0
 # its std term falls and the 3-step mean with it (by ~10%).
 BASELINE = SMALL + ["--epochs", "1", "--warmup-epochs", "0", "--diag-every", "3"]
-BASELINE_ARGS = {"barlowtwins": ["--loss", "barlowtwins"],
-                 "vicreg": ["--loss", "vicreg", "--lr", "3.0", "--inv-coef", "5"]}
+BASELINE_ARGS = {
+    "barlowtwins": ["--loss", "barlowtwins"],
+    "vicreg": ["--loss", "vicreg", "--lr", "3.0", "--inv-coef", "5"],
+}
 
 
 @pytest.fixture(scope="module", params=list(BASELINE_ARGS))
@@ -479,14 +526,20 @@ def loss_name(request):
 @pytest.fixture(scope="module")
 def baseline_single(loss_name, tmp_path_factory):
     """6 steps of a baseline on one process."""
-    return run_ok(tmp_path_factory, f"{loss_name}_single", BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "6"])
+    return run_ok(
+        tmp_path_factory, f"{loss_name}_single", BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "6"]
+    )
 
 
 @pytest.fixture(scope="module")
 def baseline_double(loss_name, tmp_path_factory):
     """The first 2 of those steps on 2 processes."""
-    return run_ok(tmp_path_factory, f"{loss_name}_double", BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "2"],
-                  script=TORCHRUN)
+    return run_ok(
+        tmp_path_factory,
+        f"{loss_name}_double",
+        BASELINE + BASELINE_ARGS[loss_name] + ["--steps", "2"],
+        script=TORCHRUN,
+    )
 
 
 def test_baseline_trains(loss_name, baseline_single):
@@ -504,7 +557,7 @@ def test_baseline_trains(loss_name, baseline_single):
         assert {"loss", *TERMS[loss_name]} <= r.keys() and not others & r.keys(), r
         assert all(math.isfinite(r[k]) for k in ("loss", *TERMS[loss_name])), r
     losses = [r["loss"] for r in tr]
-    assert sum(losses[3:]) < 0.95 * sum(losses[:3]), losses   # batch-to-batch noise is large: 3-step means
+    assert sum(losses[3:]) < 0.95 * sum(losses[:3]), losses  # batch-to-batch noise is large: 3-step means
     diag = [r for r in rows(out) if "corr_dist" in r]
     assert [r["step"] for r in diag] == [3, 6]
     for r in diag:
@@ -529,14 +582,23 @@ def test_baseline_lineval(loss_name, baseline_single):
     """lineval.py reads a baseline's backbone.pt (the run's settings from its checkpoint) and ends
     with a JSON line holding the probe's top-1."""
     out = baseline_single[0]
-    p = run([out / "backbone.pt", "--fast-epochs", "2", "--limit", "256", "--amp", "none", "--workers", "0"],
-            script=("lineval.py",), timeout=300)
+    p = run(
+        [out / "backbone.pt", "--fast-epochs", "2", "--limit", "256", "--amp", "none", "--workers", "0"],
+        script=("lineval.py",),
+        timeout=300,
+    )
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert_no_warnings(p)
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["ckpt"] == str(out / "backbone.pt") and not res["random_init"]
-    assert (res["arch"], res["small_stem"], res["data"], res["n_train"]) == ("resnet18", True, "synthetic", 256)
+    assert (res["arch"], res["small_stem"], res["data"], res["n_train"]) == (
+        "resnet18",
+        True,
+        "synthetic",
+        256,
+    )
     assert 0 <= res["top1"] <= 100 and res["epochs"] == 2
+
 
 # ----------------------------------------------------------------------------- 8. bf16 autocast
 
@@ -544,11 +606,13 @@ def test_baseline_lineval(loss_name, baseline_single):
 def test_bf16_close_to_fp32(uninterrupted, tmp_path):
     """--amp bf16 really autocasts and stays within 10% of the float32 losses."""
     out = tmp_path / "bf16"
-    p = run([a if a != "none" else "bf16" for a in RESUME[:-4]] + ["--steps", "3", "--seed", "1", "--out", out])
+    p = run(
+        [a if a != "none" else "bf16" for a in RESUME[:-4]] + ["--steps", "3", "--seed", "1", "--out", out]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "amp bf16" in header(p)
     bf16, fp32 = [r["loss"] for r in train_rows(out)], [r["loss"] for r in train_rows(uninterrupted)][:3]
     assert len(bf16) == 3 and all(math.isfinite(x) for x in bf16), bf16
-    assert bf16 != fp32                                   # autocast is really on
+    assert bf16 != fp32  # autocast is really on
     for x, y in zip(bf16, fp32):
         assert abs(x - y) <= 0.1 * abs(y), (bf16, fp32)

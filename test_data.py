@@ -1,4 +1,4 @@
-"""Tests for section 4 of decorr.py: the augmentation and the data path.
+"""Tests for data.py: the augmentation and the data path.
 
 The reference is torchvision.transforms.v2 (the BYOL / Barlow Twins pipeline of NOTES.md):
   1. each batched op, given per-image parameters, equals the v2.functional op applied image by
@@ -14,6 +14,7 @@ Tiny sizes throughout: the file runs in well under a minute on a 2-core CPU.
 
     python -m pytest -q test_data.py
 """
+
 import datetime
 import functools
 import io
@@ -39,17 +40,18 @@ from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import decorr  # noqa: E402
 
 TF = v2.functional
-NU = decorr.NU
+NU = data.NU
 # Float32 ops on values in [0, 1] agree with torchvision's to a few float32 ulps (~1e-6 seen);
 # 1e-5 leaves a 5x margin while any wrong formula or parameter is off by far more.
 ATOL = 1e-5
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # NOTES.md: ImageNet normalization
-THRESHOLD = 128 / 255                                                      # solarize at 128 of 255
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # NOTES.md: ImageNet normalization
+THRESHOLD = 128 / 255  # solarize at 128 of 255
 # columns of u (decorr.py's comment above crop_boxes)
-FLIP, JIT_ON, GRAY, BLUR_ON, SIGMA, SOLAR_ON = 22, 23, 32, 33, 34, 35     # 24-27 factors, 28-31 order
+FLIP, JIT_ON, GRAY, BLUR_ON, SIGMA, SOLAR_ON = 22, 23, 32, 33, 34, 35  # 24-27 factors, 28-31 order
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -61,7 +63,7 @@ def uniforms(n, seed):
 def all_off(n):
     """Uniforms that switch every op of colour() off (no jitter, grayscale, blur, solarize)."""
     u = torch.full((n, NU), 0.5, dtype=torch.float64)
-    u[:, [JIT_ON, GRAY, BLUR_ON, SOLAR_ON]] = 1.0       # 'on' is u < p with p <= 1
+    u[:, [JIT_ON, GRAY, BLUR_ON, SOLAR_ON]] = 1.0  # 'on' is u < p with p <= 1
     return u
 
 
@@ -82,7 +84,9 @@ def ks_2samp(a, b, alpha=1e-3):
     With ties (discrete data) the asymptotic test is conservative."""
     a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
     v = np.concatenate([a, b])
-    d = np.abs(np.searchsorted(a, v, side="right") / len(a) - np.searchsorted(b, v, side="right") / len(b)).max()
+    d = np.abs(
+        np.searchsorted(a, v, side="right") / len(a) - np.searchsorted(b, v, side="right") / len(b)
+    ).max()
     n, m = len(a), len(b)
     return d, math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
 
@@ -156,7 +160,7 @@ def write_png(path, seed, size=16):
 def write_truncated_png(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
     data = png_bytes(seed)
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def run_cli(args, timeout=300):
@@ -177,13 +181,14 @@ def run_main(argv):
 def log_rows(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
+
 # ----------------------------------------------------------------------------- 1. ops vs v2.functional
 
 
 def test_normalisation_constants_are_imagenet():
     """The normalisation is ImageNet's (NOTES.md), as the pipeline's v2.Normalize."""
-    assert decorr.MEAN == IMAGENET_MEAN and decorr.STD == IMAGENET_STD
-    assert decorr.VIEWS == ((1.0, 0.0), (0.1, 0.2))     # NOTES.md: blur p 1.0 / 0.1, solarize p 0.0 / 0.2
+    assert data.MEAN == IMAGENET_MEAN and data.STD == IMAGENET_STD
+    assert data.VIEWS == ((1.0, 0.0), (0.1, 0.2))  # NOTES.md: blur p 1.0 / 0.1, solarize p 0.0 / 0.2
 
 
 def _crop_cases(H, W):
@@ -191,15 +196,15 @@ def _crop_cases(H, W):
     extreme ratios, boxes in the top-left and bottom-right corners, and the fallback."""
     u = uniforms(24, seed=H * 100 + W)
     special = u[:8]
-    special[0, :10], special[0, 10:20] = 1.0, 0.5               # scale 1, ratio 1 (fits if square)
-    special[1, :10], special[1, 10:20] = 0.0, 0.0               # smallest, ratio 3/4
-    special[2, :10], special[2, 10:20] = 0.0, 1.0               # smallest, ratio 4/3
-    special[3, 20:22] = 0.0                                     # top-left corner
-    special[4, 20:22] = 1 - 1e-12                               # bottom-right corner
+    special[0, :10], special[0, 10:20] = 1.0, 0.5  # scale 1, ratio 1 (fits if square)
+    special[1, :10], special[1, 10:20] = 0.0, 0.0  # smallest, ratio 3/4
+    special[2, :10], special[2, 10:20] = 0.0, 1.0  # smallest, ratio 4/3
+    special[3, 20:22] = 0.0  # top-left corner
+    special[4, 20:22] = 1 - 1e-12  # bottom-right corner
     special[5, :10], special[5, 10:20], special[5, 20:22] = 0.3, 0.2, 1 - 1e-12
-    special[6, :10], special[6, 10:20] = 1.0, 0.0               # no try fits: fallback
-    special[7, :10], special[7, 10:20] = 1.0, 1.0               # no try fits: fallback
-    u[:, FLIP] = torch.arange(24) % 2 * 0.6 + 0.2               # flip every other image (0.2 < 0.5)
+    special[6, :10], special[6, 10:20] = 1.0, 0.0  # no try fits: fallback
+    special[7, :10], special[7, 10:20] = 1.0, 1.0  # no try fits: fallback
+    u[:, FLIP] = torch.arange(24) % 2 * 0.6 + 0.2  # flip every other image (0.2 < 0.5)
     return u
 
 
@@ -212,21 +217,23 @@ def test_resized_crops_equal_v2_resized_crop_and_hflip(H, W, size):
     torch.manual_seed(0)
     x = torch.rand(24, 3, H, W)
     u = _crop_cases(H, W)
-    out = decorr.resized_crops(x, u, size)
-    boxes = decorr.crop_boxes(u, H, W)
+    out = data.resized_crops(x, u, size)
+    boxes = data.crop_boxes(u, H, W)
     assert out.shape == (24, 3, size, size) and out.dtype == torch.float32
     assert torch.equal(boxes, boxes.round())
     if H == W:
-        assert boxes[0].tolist() == [0, 0, H, W]                  # the whole image
+        assert boxes[0].tolist() == [0, 0, H, W]  # the whole image
     assert boxes[3, :2].tolist() == [0, 0]
-    assert (boxes[4, :2] == torch.tensor([H, W]) - boxes[4, 2:]).all()   # flush bottom-right
+    assert (boxes[4, :2] == torch.tensor([H, W]) - boxes[4, 2:]).all()  # flush bottom-right
     for i in range(24):
         top, left, h, w = boxes[i].long().tolist()
         ref = TF.resized_crop(x[i], top, left, h, w, [size, size], v2.InterpolationMode.BILINEAR)
         if u[i, FLIP] < 0.5:
             ref = TF.horizontal_flip(ref)
         err = (out[i] - ref).abs().max().item()
-        assert err <= ATOL, f"image {i}, box {(top, left, h, w)}, flip {bool(u[i, FLIP] < 0.5)}: max error {err:.2e}"
+        assert err <= ATOL, (
+            f"image {i}, box {(top, left, h, w)}, flip {bool(u[i, FLIP] < 0.5)}: max error {err:.2e}"
+        )
 
 
 def _jitter_images(n=6, size=10):
@@ -234,27 +241,31 @@ def _jitter_images(n=6, size=10):
     black, white and gray pixels."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, size, size, generator=g) * torch.linspace(0.1, 1.0, n).view(n, 1, 1, 1)
-    x[:, :, 0, :3] = torch.tensor([0.0, 1.0, 0.5]).view(1, 1, 3)     # black, white, gray pixels
-    x[:, :, 1, 0] = torch.tensor([1.0, 0.0, 0.0])                    # pure red
+    x[:, :, 0, :3] = torch.tensor([0.0, 1.0, 0.5]).view(1, 1, 3)  # black, white, gray pixels
+    x[:, :, 1, 0] = torch.tensor([1.0, 0.0, 0.0])  # pure red
     return x
 
 
-@pytest.mark.parametrize("op, v2_op, factors", [
-    (0, TF.adjust_brightness, [0.6, 0.8, 1.0, 1.2, 1.4, 1.37]),
-    (1, TF.adjust_contrast, [0.6, 0.8, 1.0, 1.2, 1.4, 1.05]),
-    (2, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.1, 1.2, 0.85]),
-], ids=["brightness", "contrast", "saturation"])
+@pytest.mark.parametrize(
+    "op, v2_op, factors",
+    [
+        (0, TF.adjust_brightness, [0.6, 0.8, 1.0, 1.2, 1.4, 1.37]),
+        (1, TF.adjust_contrast, [0.6, 0.8, 1.0, 1.2, 1.4, 1.05]),
+        (2, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.1, 1.2, 0.85]),
+    ],
+    ids=["brightness", "contrast", "saturation"],
+)
 def test_jitter_ops_equal_v2(op, v2_op, factors):
     """JITTER's brightness, contrast and saturation with one factor per image equal
     v2.functional's adjust_* applied image by image (incl. clamping at 0 and 1; contrast blends
     with each image's own mean gray level). Tolerance ATOL (float32 rounding)."""
     x = _jitter_images()
     f = torch.tensor(factors)
-    out = decorr.JITTER[op](x, f)
+    out = data.JITTER[op](x, f)
     ref = torch.stack([v2_op(xi, fi) for xi, fi in zip(x, factors)])
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
-    assert (out - x).abs().amax((1, 2, 3))[torch.tensor(factors) != 1].min() > 1e-3   # the op did act
+    assert (out - x).abs().amax((1, 2, 3))[torch.tensor(factors) != 1].min() > 1e-3  # the op did act
 
 
 def test_hue_shift_equals_v2_adjust_hue():
@@ -266,15 +277,15 @@ def test_hue_shift_equals_v2_adjust_hue():
     x = torch.rand(7, 3, 8, 8, generator=g)
     hi, lo = 0.7, 0.2
     ties = torch.tensor([[hi, hi, lo], [hi, lo, hi], [lo, hi, hi], [hi, lo, lo], [lo, hi, lo], [lo, lo, hi]])
-    x[:, :, 1, :6] = ties.T[None] * (0.5 + 0.5 * torch.rand(7, 1, 1, generator=g))   # per-image level
-    x[:, :, 2, :4] = torch.tensor([0.0, 1.0, 0.3, 0.8]).view(1, 1, 4)        # gray levels incl. black, white
+    x[:, :, 1, :6] = ties.T[None] * (0.5 + 0.5 * torch.rand(7, 1, 1, generator=g))  # per-image level
+    x[:, :, 2, :4] = torch.tensor([0.0, 1.0, 0.3, 0.8]).view(1, 1, 4)  # gray levels incl. black, white
     shifts = [-0.5, -0.1, -0.03, 0.0, 0.05, 0.1, 0.5]
-    out = decorr.JITTER[3](x, torch.tensor(shifts))
+    out = data.JITTER[3](x, torch.tensor(shifts))
     ref = torch.stack([TF.adjust_hue(xi, s) for xi, s in zip(x, shifts)])
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
-    assert (out[:, :, 2, :4] - x[:, :, 2, :4]).abs().max() <= ATOL           # gray stays gray
-    assert (out[1] - x[1]).abs().max() > 0.05                                # a shift does act
+    assert (out[:, :, 2, :4] - x[:, :, 2, :4]).abs().max() <= ATOL  # gray stays gray
+    assert (out[1] - x[1]).abs().max() > 0.05  # a shift does act
 
 
 def test_gray_and_grayscale_in_colour_equal_v2():
@@ -282,10 +293,10 @@ def test_gray_and_grayscale_in_colour_equal_v2():
     < 0.2) gives rgb_to_grayscale(x, num_output_channels=3), off leaves the image as it is."""
     torch.manual_seed(3)
     x = torch.rand(4, 3, 9, 9)
-    assert (decorr.gray(x) - torch.stack([TF.rgb_to_grayscale(xi) for xi in x])).abs().max() <= ATOL
+    assert (data.gray(x) - torch.stack([TF.rgb_to_grayscale(xi) for xi in x])).abs().max() <= ATOL
     u = all_off(4)
     u[[0, 2], GRAY] = 0.1
-    out = unnormalise(decorr.colour(x, u, 0.0, 0.0, small=True))
+    out = unnormalise(data.colour(x, u, 0.0, 0.0, small=True))
     for i in range(4):
         ref = TF.rgb_to_grayscale(x[i], num_output_channels=3) if i in (0, 2) else x[i]
         assert (out[i] - ref).abs().max() <= ATOL, i
@@ -295,7 +306,7 @@ def test_normalisation_equals_v2_normalize():
     """colour() with every op off is v2.functional.normalize with ImageNet's mean and std."""
     torch.manual_seed(4)
     x = torch.rand(3, 3, 12, 12)
-    out = decorr.colour(x, all_off(3), 1.0, 1.0, small=False)
+    out = data.colour(x, all_off(3), 1.0, 1.0, small=False)
     ref = torch.stack([TF.normalize(xi, list(IMAGENET_MEAN), list(IMAGENET_STD)) for xi in x])
     assert (out - ref).abs().max() <= ATOL
 
@@ -307,11 +318,11 @@ def test_gaussian_blur_equals_v2():
     torch.manual_seed(5)
     x = torch.rand(5, 3, 40, 40)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
-    out = decorr.gaussian_blur(x, sigma)
+    out = data.gaussian_blur(x, sigma)
     ref = torch.stack([TF.gaussian_blur(xi, [23, 23], [s, s]) for xi, s in zip(x, sigma.tolist())])
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
-    assert (out[-1] - x[-1]).abs().max() > 0.1                       # sigma 2 does blur
+    assert (out[-1] - x[-1]).abs().max() > 0.1  # sigma 2 does blur
 
 
 def test_solarize_in_colour_equals_v2():
@@ -323,11 +334,11 @@ def test_solarize_in_colour_equals_v2():
     x[:, 0, 0, 0], x[:, 0, 0, 1] = t, torch.nextafter(t, torch.tensor(0.0))
     u = all_off(4)
     u[[1, 3], SOLAR_ON] = 0.1
-    out = unnormalise(decorr.colour(x, u, 0.0, 0.2, small=True))
+    out = unnormalise(data.colour(x, u, 0.0, 0.2, small=True))
     for i in range(4):
         ref = TF.solarize(x[i], THRESHOLD) if i in (1, 3) else x[i]
         assert (out[i] - ref).abs().max() <= ATOL, i
-    assert out[1, 0, 0, 0] < 0.5 < out[1, 0, 0, 1]                  # at: inverted; just below: kept
+    assert out[1, 0, 0, 0] < 0.5 < out[1, 0, 0, 1]  # at: inverted; just below: kept
 
 
 def test_colour_order_and_pipeline_equal_v2():
@@ -343,19 +354,24 @@ def test_colour_order_and_pipeline_equal_v2():
     u = uniforms(n, seed=8)
     for row, order in enumerate(orders):
         set_order(u, row, order)
-    u[:, JIT_ON] = 0.5                                        # jitter on ...
-    u[-2:, JIT_ON] = 0.9                                      # ... except for the last two
+    u[:, JIT_ON] = 0.5  # jitter on ...
+    u[-2:, JIT_ON] = 0.9  # ... except for the last two
     u[:, GRAY] = torch.tensor([0.1 if i % 4 == 0 else 0.5 for i in range(n)], dtype=torch.float64)
     u[:, BLUR_ON] = torch.tensor([0.05 if i % 3 == 0 else 0.5 for i in range(n)], dtype=torch.float64)
     u[:, SOLAR_ON] = torch.tensor([0.1 if i % 2 == 0 else 0.5 for i in range(n)], dtype=torch.float64)
-    for (blur_p, solarize_p), small in [(decorr.VIEWS[0], False), (decorr.VIEWS[1], False), (decorr.VIEWS[1], True)]:
-        out = unnormalise(decorr.colour(x, u, blur_p, solarize_p, small))
+    for (blur_p, solarize_p), small in [
+        (data.VIEWS[0], False),
+        (data.VIEWS[1], False),
+        (data.VIEWS[1], True),
+    ]:
+        out = unnormalise(data.colour(x, u, blur_p, solarize_p, small))
         for i in range(n):
             ref, pre = v2_colour(x[i], u[i], blur_p, solarize_p, small)
             keep = (pre - THRESHOLD).abs() > 1e-4
             assert keep.float().mean() > 0.98
             err = ((out[i] - unnormalise(ref[None])[0]).abs() * keep).max().item()
             assert err <= ATOL, f"view {(blur_p, solarize_p)}, small {small}, image {i}: max error {err:.2e}"
+
 
 # ----------------------------------------------------------------------------- 2. the drawn parameters
 
@@ -369,19 +385,21 @@ def test_crop_boxes_equal_torchvision_loop_exactly():
     u = uniforms(4000, seed=9)
     fallbacks = {}
     for H, W in shapes:
-        boxes = decorr.crop_boxes(u, H, W)
+        boxes = data.crop_boxes(u, H, W)
         assert boxes.dtype == torch.float64 and boxes.shape == (len(u), 4)
         ref = [torchvision_box(row, H, W) for row in u.tolist()]
         fallbacks[(H, W)] = sum(r[4] for r in ref)
         mismatch = [i for i, r in enumerate(ref) if boxes[i].tolist() != list(r[:4])]
-        assert not mismatch, f"{H}x{W}: {len(mismatch)} boxes differ, e.g. row {mismatch[0]}: " \
-                             f"{boxes[mismatch[0]].tolist()} vs {ref[mismatch[0]][:4]}"
-    assert fallbacks[(12, 80)] > 100 and fallbacks[(80, 12)] > 100, fallbacks   # both fallback branches ran
+        assert not mismatch, (
+            f"{H}x{W}: {len(mismatch)} boxes differ, e.g. row {mismatch[0]}: "
+            f"{boxes[mismatch[0]].tolist()} vs {ref[mismatch[0]][:4]}"
+        )
+    assert fallbacks[(12, 80)] > 100 and fallbacks[(80, 12)] > 100, fallbacks  # both fallback branches ran
     Hs = torch.tensor([s[0] for s in shapes]).repeat(1000)
     Ws = torch.tensor([s[1] for s in shapes]).repeat(1000)
-    per_image = decorr.crop_boxes(u, Hs, Ws)
+    per_image = data.crop_boxes(u, Hs, Ws)
     for k, (H, W) in enumerate(shapes):
-        assert torch.equal(per_image[k::4], decorr.crop_boxes(u[k::4], H, W))
+        assert torch.equal(per_image[k::4], data.crop_boxes(u[k::4], H, W))
 
 
 @functools.cache
@@ -390,8 +408,15 @@ def torchvision_crops(H, W, n=20000, seed=11):
     0.08-1, ratio 3/4-4/3) for an H x W image, seeded, without touching the global RNG."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return np.array([torchvision.transforms.RandomResizedCrop.get_params(torch.empty(3, H, W), [0.08, 1.0], [3 / 4, 4 / 3])
-                         for _ in range(n)], dtype=np.float64)
+        return np.array(
+            [
+                torchvision.transforms.RandomResizedCrop.get_params(
+                    torch.empty(3, H, W), [0.08, 1.0], [3 / 4, 4 / 3]
+                )
+                for _ in range(n)
+            ],
+            dtype=np.float64,
+        )
 
 
 @pytest.mark.parametrize("H, W", [(32, 32), (48, 80), (80, 12)])
@@ -401,9 +426,13 @@ def test_crop_distribution_matches_torchvision_sampler(H, W):
     by two-sample KS at alpha 0.001; square, wide and (fallback-heavy) tall images."""
     n = 20000
     u = torch.rand(n, NU, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    boxes, ref = decorr.crop_boxes(u, H, W).numpy(), torchvision_crops(H, W, n)
-    for name, f in [("area fraction", lambda b: b[:, 2] * b[:, 3] / (H * W)), ("aspect ratio", lambda b: b[:, 3] / b[:, 2]),
-                    ("top", lambda b: b[:, 0]), ("left", lambda b: b[:, 1])]:
+    boxes, ref = data.crop_boxes(u, H, W).numpy(), torchvision_crops(H, W, n)
+    for name, f in [
+        ("area fraction", lambda b: b[:, 2] * b[:, 3] / (H * W)),
+        ("aspect ratio", lambda b: b[:, 3] / b[:, 2]),
+        ("top", lambda b: b[:, 0]),
+        ("left", lambda b: b[:, 1]),
+    ]:
         assert_same_distribution(f(boxes), f(ref), f"{H}x{W} {name}")
 
 
@@ -414,12 +443,12 @@ def test_ks_helper_detects_a_different_crop_sampler():
     n, H, W = 20000, 32, 32
     u = torch.rand(n, NU, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     ref = torchvision_crops(H, W, n)
-    boxes = decorr.crop_boxes(u, H, W, scale=(0.16, 1.0)).numpy()
+    boxes = data.crop_boxes(u, H, W, scale=(0.16, 1.0)).numpy()
     d, crit = ks_2samp(boxes[:, 2] * boxes[:, 3], ref[:, 2] * ref[:, 3])
     assert d > crit
     v = u.clone()
     v[:, 10:20] = torch.log(3 / 4 + (4 / 3 - 3 / 4) * u[:, 10:20]).sub(math.log(3 / 4)).div(math.log(16 / 9))
-    boxes = decorr.crop_boxes(v, H, W).numpy()                 # the ratio uniform in [3/4, 4/3]
+    boxes = data.crop_boxes(v, H, W).numpy()  # the ratio uniform in [3/4, 4/3]
     d, crit = ks_2samp(boxes[:, 3] / boxes[:, 2], ref[:, 3] / ref[:, 2])
     assert d > crit
 
@@ -430,9 +459,9 @@ def test_flip_rate():
     n, S = 20000, 16
     ramp = torch.arange(S, dtype=torch.float32).view(1, 1, 1, S).expand(n, 1, S, S).contiguous()
     u = torch.rand(n, NU, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
-    y = decorr.resized_crops(ramp, u, S)
+    y = data.resized_crops(ramp, u, S)
     slope = y[:, 0, 0, -1] - y[:, 0, 0, 0]
-    assert (slope.abs() > 0.5).all()                      # every crop is at least 4 px wide
+    assert (slope.abs() > 0.5).all()  # every crop is at least 4 px wide
     flipped = (slope < 0).numpy()
     assert np.array_equal(flipped, (u[:, FLIP] < 0.5).numpy())
     assert_rate(flipped, 0.5, "flip")
@@ -449,6 +478,7 @@ def _recording_colour(monkeypatch, u, blur_p, solarize_p, small=False):
         def fn(x, f):
             factors[k].append(f.double())
             return x * 5 + (k + 1)
+
         return fn
 
     def blur(x, sigma, k=23):
@@ -458,7 +488,7 @@ def _recording_colour(monkeypatch, u, blur_p, solarize_p, small=False):
     monkeypatch.setattr(decorr, "JITTER", tuple(recorder(k) for k in range(4)))
     monkeypatch.setattr(decorr, "gaussian_blur", blur)
     x = torch.zeros(len(u), 3, 1, 1, dtype=torch.float64)
-    y = unnormalise(decorr.colour(x, u, blur_p, solarize_p, small))
+    y = unnormalise(data.colour(x, u, blur_p, solarize_p, small))
     codes = y[:, 0, 0, 0].round().long().tolist()
     applied = []
     for c in codes:
@@ -496,7 +526,7 @@ def test_jitter_rate_order_and_factors(monkeypatch):
         f = factors[k]
         assert len(f) == on.sum()
         assert lo <= f.min() and f.max() <= hi, (name, f.min(), f.max())
-        assert f.min() < lo + 0.01 * (hi - lo) and f.max() > hi - 0.01 * (hi - lo), name   # fills the range
+        assert f.min() < lo + 0.01 * (hi - lo) and f.max() > hi - 0.01 * (hi - lo), name  # fills the range
         assert_same_distribution(f, [r[f"{name}_factor"] for r in ref], name)
 
 
@@ -508,18 +538,18 @@ def test_grayscale_blur_solarize_rates(monkeypatch, view):
     for small images, its sigma distributed as v2.GaussianBlur(23, (0.1, 2.0)).make_params
     (seeded, 20000 draws; KS at alpha 0.001) and within its range."""
     n = 20000
-    blur_p, solarize_p = decorr.VIEWS[view]
+    blur_p, solarize_p = data.VIEWS[view]
     u = torch.rand(n, NU, generator=torch.Generator().manual_seed(17 + view), dtype=torch.float64)
-    u[:, JIT_ON] = 1.0                                                 # jitter off
+    u[:, JIT_ON] = 1.0  # jitter off
     colour_pixel = torch.tensor([0.9, 0.2, 0.6]).view(1, 3, 1, 1).expand(n, 3, 1, 1)
-    y = unnormalise(decorr.colour(colour_pixel, u, blur_p, 0.0, small=True))
+    y = unnormalise(data.colour(colour_pixel, u, blur_p, 0.0, small=True))
     grayed = ((y - y[:, :1]).abs().amax((1, 2, 3)) < 1e-5).numpy()
     assert np.array_equal(grayed, (u[:, GRAY] < 0.2).numpy())
     assert_rate(grayed, 0.2, "grayscale")
 
     u_sol = u.clone()
-    u_sol[:, GRAY] = 1.0                      # (gray() of a gray pixel is 0.9999 of it, as torchvision's)
-    y = unnormalise(decorr.colour(torch.full((n, 3, 1, 1), 0.75), u_sol, blur_p, solarize_p, small=True))
+    u_sol[:, GRAY] = 1.0  # (gray() of a gray pixel is 0.9999 of it, as torchvision's)
+    y = unnormalise(data.colour(torch.full((n, 3, 1, 1), 0.75), u_sol, blur_p, solarize_p, small=True))
     solarized = ((y - 0.25).abs().amax((1, 2, 3)) < 1e-5).numpy()
     kept = ((y - 0.75).abs().amax((1, 2, 3)) < 1e-5).numpy()
     assert (solarized ^ kept).all()
@@ -536,7 +566,8 @@ def test_grayscale_blur_solarize_rates(monkeypatch, view):
         ref = [blur.make_params([torch.empty(3, 1, 1)])["sigma"][0] for _ in range(n)]
     assert_same_distribution(sigmas, ref, "blur sigma")
     _, _, sigmas_small, _ = _recording_colour(monkeypatch, u, blur_p, solarize_p, small=True)
-    assert len(sigmas_small) == 0                                     # no blur for small images
+    assert len(sigmas_small) == 0  # no blur for small images
+
 
 # ----------------------------------------------------------------------------- 3. views from (seed, epoch, image)
 
@@ -547,19 +578,28 @@ def _args(batch_size=8, seed=5, img_size=16, workers=0):
 
 def _dataset(n=24, size=16, same=False):
     g = torch.Generator().manual_seed(20)
-    x = torch.randint(0, 256, (1 if same else n, 3, size, size), dtype=torch.uint8, generator=g).expand(n, 3, size, size)
+    x = torch.randint(0, 256, (1 if same else n, 3, size, size), dtype=torch.uint8, generator=g).expand(
+        n, 3, size, size
+    )
     return torch.utils.data.TensorDataset(x.contiguous(), torch.arange(n) % 3)
 
 
 def _collect(train, first, last, small=False, **kw):
-    return [(x1.clone(), x2.clone(), bad) for x1, x2, bad in
-            decorr.batches(train, small, _args(**kw), torch.device("cpu"), first, last)]
+    return [
+        (x1.clone(), x2.clone(), bad)
+        for x1, x2, bad in data.batches(train, small, _args(**kw), torch.device("cpu"), first, last)
+    ]
 
 
 def _batches_worker(rank, world, tmp):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "store"), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(tmp, "store"),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         got = _collect(_dataset(), 0, 7)
         torch.save([(x1, x2) for x1, x2, _ in got], os.path.join(tmp, f"rank{rank}.pt"))
@@ -611,7 +651,7 @@ def test_resume_yields_the_same_batches():
 
 
 def test_views_do_not_depend_on_how_many_steps_are_made_at_once(monkeypatch):
-    """decorr.AHEAD only sets how many images' views one call makes (on a GPU 4096; here 7 steps
+    """data.AHEAD only sets how many images' views one call makes (on a GPU 4096; here 7 steps
     of 8 at once, across epochs of 3 steps): one step at a time gives the same views, bitwise."""
     monkeypatch.setattr(decorr, "AHEAD", dict(cpu=56))
     full = _collect(_dataset(), 0, 7)
@@ -630,21 +670,21 @@ def test_batches_in_memory_crops_equal_v2(monkeypatch, img_size):
     8 copies of one 20 x 20 image, so the image index does not matter. img_size 20 (= the images',
     as the defaults) and 28 (upsampling) hold; decorr.py refuses sizes other than the images' (next test)."""
     seen = []
-    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=16))                    # both steps in one call, as on a GPU
+    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=16))  # both steps in one call, as on a GPU
     monkeypatch.setattr(decorr, "colour", lambda c, u, *p: seen.append((c.clone(), u.clone(), p)) or c)
     ds = _dataset(n=8, size=20, same=True)
     _collect(ds, 0, 2, img_size=img_size)
     img = ds.tensors[0][0].float() / 255
-    assert len(seen) == 2                           # one call per view
+    assert len(seen) == 2  # one call per view
     for k, (crops, u, params) in enumerate(seen):
-        assert params == (*decorr.VIEWS[k % 2], False)
+        assert params == (*data.VIEWS[k % 2], False)
         assert crops.shape == (16, 3, img_size, img_size)
-        for i, (top, left, h, w) in enumerate(decorr.crop_boxes(u, 20, 20).long().tolist()):
+        for i, (top, left, h, w) in enumerate(data.crop_boxes(u, 20, 20).long().tolist()):
             ref = TF.resized_crop(img, top, left, h, w, [img_size] * 2, v2.InterpolationMode.BILINEAR)
             ref = TF.horizontal_flip(ref) if u[i, FLIP] < 0.5 else ref
             err = (crops[i] - ref).abs().max().item()
             assert err <= ATOL, f"call {k}, image {i}, box {(top, left, h, w)}: max error {err:.2e}"
-    assert not torch.equal(seen[0][1], seen[1][1])                      # the two views' uniforms differ
+    assert not torch.equal(seen[0][1], seen[1][1])  # the two views' uniforms differ
 
 
 @pytest.mark.parametrize("img_size", [16, 64])
@@ -663,6 +703,7 @@ def test_same_seed_same_views_other_seed_other_views():
     a, b, c = (_collect(_dataset(), 0, 2, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
     assert all((p[0] - q[0]).abs().max() > 1e-3 for p, q in zip(a, c))
+
 
 # ----------------------------------------------------------------------------- 4. unreadable images
 
@@ -696,7 +737,7 @@ def test_folder_read_replaces_unreadable_images(folder):
     """Folder.read(i) of an unreadable image returns the next readable one (image and label)
     and names every path it skipped; past the last file it wraps around to the first."""
     root, bad = folder
-    ds = decorr.Folder(str(root / "train"))
+    ds = data.Folder(str(root / "train"))
     assert len(ds) == 24
     paths = [p for p, _ in ds.samples]
     assert [paths.index(b) for b in bad] == [0, 1, 23]
@@ -715,7 +756,7 @@ def test_fixed_batch_over_folder_with_unreadable_images(folder):
     """The diagnostics bank (fixed_batch) over a folder with unreadable images works; an
     unreadable image's row is its replacement's."""
     root, _ = folder
-    ds = decorr.Folder(str(root / "train"))
+    ds = data.Folder(str(root / "train"))
     x, y = decorr.fixed_batch(ds, 384, 32, False, torch.device("cpu"))
     assert x.shape == (24, 3, 32, 32) and torch.isfinite(x).all()
     assert torch.equal(x[0], x[2]) and torch.equal(x[1], x[2]) and torch.equal(x[23], x[2])
@@ -728,7 +769,7 @@ def test_folder_batches_in_a_persistent_worker_equal_in_process(folder):
     an epoch and into the next; over an epoch the skipped paths are those of Folder.read over
     every index (each index read once)."""
     root, bad = folder
-    ds = decorr.Folder(str(root / "train"))
+    ds = data.Folder(str(root / "train"))
     runs = [_collect(ds, 0, 4, workers=w) for w in (0, 1)]
     for (a1, a2, abad), (b1, b2, bbad) in zip(*runs):
         assert a1.shape == (8, 3, 16, 16) and torch.isfinite(a1).all()
@@ -745,8 +786,32 @@ def test_training_on_folder_with_unreadable_images(folder, tmp_path):
     epoch of Folder.read's skipped paths)."""
     root, bad = folder
     out = tmp_path / "out"
-    p = run_cli(["--data", root, "--arch", "resnet18", "--img-size", "16", "--batch-size", "8", "--proj", "32-32",
-                 "--amp", "none", "--workers", "0", "--epochs", "1", "--steps", "3", "--log-every", "1", "--out", out])
+    p = run_cli(
+        [
+            "--data",
+            root,
+            "--arch",
+            "resnet18",
+            "--img-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--proj",
+            "32-32",
+            "--amp",
+            "none",
+            "--workers",
+            "0",
+            "--epochs",
+            "1",
+            "--steps",
+            "3",
+            "--log-every",
+            "1",
+            "--out",
+            out,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "Warning" not in p.stderr, p.stderr[-3000:]
     assert (out / "backbone.pt").is_file()
@@ -754,7 +819,7 @@ def test_training_on_folder_with_unreadable_images(folder, tmp_path):
     for path in bad:
         assert sum(path in line for line in reports) == 1, (path, reports)
     assert len(reports) == len(bad)
-    ds = decorr.Folder(str(root / "train"))
+    ds = data.Folder(str(root / "train"))
     expected = sum(len(ds.read(i)[2]) for i in range(len(ds)))
     rows = [r for r in log_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -768,8 +833,28 @@ def test_folder_with_tiny_img_size_trains(folder, tmp_path):
     the 23-tap kernel, which needs more than 11 px, never meets them; one step trains."""
     root, _ = folder
     out = tmp_path / "out"
-    run_main(["--data", root, "--img-size", "8", "--batch-size", "8", "--proj", "32-32", "--arch", "resnet18",
-              "--amp", "none", "--workers", "0", "--steps", "1", "--out", out])
+    run_main(
+        [
+            "--data",
+            root,
+            "--img-size",
+            "8",
+            "--batch-size",
+            "8",
+            "--proj",
+            "32-32",
+            "--arch",
+            "resnet18",
+            "--amp",
+            "none",
+            "--workers",
+            "0",
+            "--steps",
+            "1",
+            "--out",
+            out,
+        ]
+    )
     assert (out / "backbone.pt").is_file()
 
 
@@ -782,13 +867,14 @@ def test_folder_without_readable_images_is_a_usage_error(tmp_path):
     (root / "train" / "b" / "y.jpg").write_bytes(b"not a jpeg")
     write_png(root / "val" / "a" / "v.png", 3)
     with pytest.raises(decorr.UsageError):
-        decorr.Folder(str(root / "train"))
+        data.Folder(str(root / "train"))
     out = tmp_path / "out"
     p = run_cli(["--data", root, "--workers", "0", "--amp", "none", "--out", out], timeout=120)
     assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-2000:])
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("decorr.py: error: "), p.stderr
     assert not out.exists()
+
 
 # ----------------------------------------------------------------------------- 5. CIFAR
 
@@ -809,9 +895,20 @@ def write_cifar10(root, n_per_batch=4, n_test=10):
         written.append(os.path.realpath(folder / name))
 
     for i in range(5):
-        dump(f"data_batch_{i + 1}", {"data": g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                                     "labels": labels[i * n_per_batch:(i + 1) * n_per_batch].tolist()})
-    dump("test_batch", {"data": g.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": (np.arange(n_test) % 10).tolist()})
+        dump(
+            f"data_batch_{i + 1}",
+            {
+                "data": g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                "labels": labels[i * n_per_batch : (i + 1) * n_per_batch].tolist(),
+            },
+        )
+    dump(
+        "test_batch",
+        {
+            "data": g.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+            "labels": (np.arange(n_test) % 10).tolist(),
+        },
+    )
     dump("batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
     return set(written)
 
@@ -826,7 +923,7 @@ def test_cifar_without_md5_match_is_a_usage_error(cifar, tmp_path):
     UsageError (exit 2 on the command line), and main() stops before writing anything."""
     root, _ = cifar
     with pytest.raises(decorr.UsageError, match="cifar10"):
-        decorr.load_data("cifar10", str(root))
+        data.load_data("cifar10", str(root))
     out = tmp_path / "out"
     with pytest.raises(decorr.UsageError):
         run_main(["--data", "cifar10", "--data-root", root, "--out", out])
@@ -839,9 +936,12 @@ def test_cifar_reader_and_two_training_steps(cifar, tmp_path, monkeypatch):
     planes, labels, 10 classes) and main() trains two steps: 2 finite training rows, backbone.pt."""
     root, written = cifar
     original = torchvision.datasets.cifar.check_integrity
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
-                        lambda fpath, md5=None: os.path.realpath(fpath) in written or original(fpath, md5))
-    train, val, num_classes, small = decorr.load_data("cifar10", str(root))
+    monkeypatch.setattr(
+        torchvision.datasets.cifar,
+        "check_integrity",
+        lambda fpath, md5=None: os.path.realpath(fpath) in written or original(fpath, md5),
+    )
+    train, val, num_classes, small = data.load_data("cifar10", str(root))
     assert (len(train), len(val), num_classes, small) == (20, 10, 10, True)
     with open(root / "cifar-10-batches-py" / "data_batch_2", "rb") as fh:
         raw = pickle.load(fh)
@@ -849,8 +949,26 @@ def test_cifar_reader_and_two_training_steps(cifar, tmp_path, monkeypatch):
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
     assert np.array_equal(x.numpy().reshape(3072), raw["data"][3]) and y.item() == raw["labels"][3]
     out = tmp_path / "out"
-    run_main(["--data", "cifar10", "--data-root", root, "--batch-size", "16", "--proj", "32-32",
-              "--amp", "none", "--steps", "2", "--log-every", "1", "--out", out])
+    run_main(
+        [
+            "--data",
+            "cifar10",
+            "--data-root",
+            root,
+            "--batch-size",
+            "16",
+            "--proj",
+            "32-32",
+            "--amp",
+            "none",
+            "--steps",
+            "2",
+            "--log-every",
+            "1",
+            "--out",
+            out,
+        ]
+    )
     rows = [r for r in log_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "inv", "cov"))

@@ -7,6 +7,7 @@ minute on a 2-core CPU.
 
     python -m pytest -q test_decorr.py
 """
+
 import datetime
 import math
 import os
@@ -33,10 +34,10 @@ def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
     Returns (loss, inv, cov) with inv and cov the means over parts; runs in the inputs' dtype."""
     n, D = f1.shape
     m = n // parts
-    wtw = w.T @ w                  # the same on every part (hoisted out of the loop: saves time only)
+    wtw = w.T @ w  # the same on every part (hoisted out of the loop: saves time only)
     losses, invs, covs = [], [], []
     for j in range(parts):
-        a, b = f1[j * m:(j + 1) * m], f2[j * m:(j + 1) * m]
+        a, b = f1[j * m : (j + 1) * m], f2[j * m : (j + 1) * m]
         p1, p2 = a @ w.T, b @ w.T
         ta, tb = (a.detach(), b.detach()) if stopgrad else (a, b)
         inv = (p1 - tb).pow(2).mean() + (p2 - ta).pow(2).mean()
@@ -66,7 +67,9 @@ def raw_features(n, D, g, dtype=torch.float64):
     """Unstandardized features: correlated, offset, differently scaled dimensions."""
     x = torch.randn(n, D, generator=g, dtype=torch.float64)
     x = x @ (torch.eye(D, dtype=torch.float64) + 0.5 * torch.randn(D, D, generator=g, dtype=torch.float64))
-    x = x * (0.5 + 2 * torch.rand(D, generator=g, dtype=torch.float64)) + 3 * torch.randn(D, generator=g, dtype=torch.float64)
+    x = x * (0.5 + 2 * torch.rand(D, generator=g, dtype=torch.float64)) + 3 * torch.randn(
+        D, generator=g, dtype=torch.float64
+    )
     return x.to(dtype)
 
 
@@ -83,7 +86,7 @@ def whitened_parts(n, D, parts, g):
     out = []
     for _ in range(parts):
         x = torch.randn(m, D, generator=g, dtype=torch.float64)
-        q, _ = torch.linalg.qr(x - x.mean(0))          # orthonormal columns, orthogonal to 1
+        q, _ = torch.linalg.qr(x - x.mean(0))  # orthonormal columns, orthogonal to 1
         out.append(q * math.sqrt(m))
     return torch.cat(out)
 
@@ -113,7 +116,7 @@ def test_decorr_loss_matches_algorithm1(dtype, rtol, parts, inv_coef, cov_coef, 
     g = torch.Generator().manual_seed(100 + parts)
     n, D = 64, 24
     f1 = standardized(n, D, g)
-    f2 = standardized(n, D, g) * 0.5 + f1 * 0.5        # correlated second view
+    f2 = standardized(n, D, g) * 0.5 + f1 * 0.5  # correlated second view
     w = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
     kw = dict(parts=parts, inv_coef=inv_coef, cov_coef=cov_coef, stopgrad=stopgrad)
     # the truth: Algorithm 1 in float64 on exactly the values the tested dtype can hold
@@ -144,7 +147,9 @@ def test_decorr_loss_float32_near_converged(parts):
     n, D, eps = 512, 32, 0.01
     f1 = whitened_parts(n, D, parts, g)
     f2 = f1 + eps * torch.randn(n, D, generator=g, dtype=torch.float64)
-    w = torch.eye(D, dtype=torch.float64) + eps * torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    w = torch.eye(D, dtype=torch.float64) + eps * torch.randn(
+        D, D, generator=g, dtype=torch.float64
+    ) / math.sqrt(D)
     f1, f2, w = (t.float() for t in (f1, f2, w))
     ref, ref_g = loss_and_grads(algorithm1, f1.double(), f2.double(), w.double(), parts=parts)
     ref32, _ = loss_and_grads(algorithm1, f1, f2, w, parts=parts)
@@ -153,7 +158,8 @@ def test_decorr_loss_float32_near_converged(parts):
     for name, a, e, r32 in zip(("loss", "inv", "cov"), out, ref, ref32):
         assert rel_err(a, e) <= 1e-4, (
             f"{name}: decorr_loss float32 relative error {rel_err(a, e):.3e} > 1e-4 "
-            f"(Algorithm 1 itself in float32: {rel_err(r32, e):.1e}; exact {name} = {e.item():.4e})")
+            f"(Algorithm 1 itself in float32: {rel_err(r32, e):.1e}; exact {name} = {e.item():.4e})"
+        )
     for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g):
         assert_rel(a, e, 1e-4, name)
 
@@ -192,18 +198,23 @@ def official_vicreg(x, y, sim_coeff, std_coeff, cov_coeff):
     std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
     cov_x = (x.T @ x) / (batch_size - 1)
     cov_y = (y.T @ y) / (batch_size - 1)
-    cov_loss = (off_diagonal_entries(cov_x).pow(2).sum() / num_features
-                + off_diagonal_entries(cov_y).pow(2).sum() / num_features)
+    cov_loss = (
+        off_diagonal_entries(cov_x).pow(2).sum() / num_features
+        + off_diagonal_entries(cov_y).pow(2).sum() / num_features
+    )
     loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
     return loss, repr_loss, std_loss, cov_loss
 
 
-@pytest.mark.parametrize("name,ours,ref,coefs", [
-    ("barlowtwins", decorr.barlow_twins_loss, official_barlow_twins, (0.0051,)),
-    ("barlowtwins-lambda", decorr.barlow_twins_loss, official_barlow_twins, (0.3,)),
-    ("vicreg", decorr.vicreg_loss, official_vicreg, (25.0, 25.0, 1.0)),
-    ("vicreg-coefs", decorr.vicreg_loss, official_vicreg, (5.0, 2.0, 3.0)),
-])
+@pytest.mark.parametrize(
+    "name,ours,ref,coefs",
+    [
+        ("barlowtwins", decorr.barlow_twins_loss, official_barlow_twins, (0.0051,)),
+        ("barlowtwins-lambda", decorr.barlow_twins_loss, official_barlow_twins, (0.3,)),
+        ("vicreg", decorr.vicreg_loss, official_vicreg, (25.0, 25.0, 1.0)),
+        ("vicreg-coefs", decorr.vicreg_loss, official_vicreg, (5.0, 2.0, 3.0)),
+    ],
+)
 def test_baseline_matches_official(name, ours, ref, coefs):
     """Values (loss and each term) and gradients, float64, to 1e-9; the features are scaled so that
     some of VICReg's hinge terms are active and some not."""
@@ -287,10 +298,10 @@ def test_gram_square_symmetric_backward_and_shards():
         v = decorr.GramSquare.apply(w, r * D // k, (r + 1) * D // k, k)
         vals.append(v.detach())
         grads.append(torch.autograd.grad(v, w)[0])
-    assert len({(r + 1) * D // k - r * D // k for r in range(k)}) == 2      # the shards are uneven
+    assert len({(r + 1) * D // k - r * D // k for r in range(k)}) == 2  # the shards are uneven
     assert torch.allclose(sum(vals) / k, full.detach(), rtol=1e-12)
     assert torch.allclose(sum(grads) / k, full_grad, rtol=1e-12)
-    assert not torch.allclose(grads[0], grads[1])          # each rank contributes its own part
+    assert not torch.allclose(grads[0], grads[1])  # each rank contributes its own part
 
 
 # ----------------------------------------------------------------------------- 3. standardize == BatchNorm1d
@@ -369,7 +380,9 @@ def test_autocast_bf16_returns_float32():
     (fa32, fb32, *vals32), grads32 = run(False, x1, x2)
     for t in (fa, fb, *vals):
         assert t.dtype == torch.float32
-    for name, a, e in zip(("std(x1)", "std(x2)", "loss", "inv", "cov"), (fa, fb, *vals), (fa32, fb32, *vals32)):
+    for name, a, e in zip(
+        ("std(x1)", "std(x2)", "loss", "inv", "cov"), (fa, fb, *vals), (fa32, fb32, *vals32)
+    ):
         assert_rel(a, e, 1e-5, name)
     for name, a, e in zip(("dx1", "dx2", "dw"), grads, grads32):
         assert_rel(a, e, 1e-5, name)
@@ -391,8 +404,13 @@ def test_autocast_bf16_returns_float32():
 
 def _init_group(rank, world, tmp):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "store"), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(tmp, "store"),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
 
 
 def _finish_group():
@@ -408,7 +426,11 @@ def _dist_loss_worker(rank, world, tmp):
         data = torch.load(os.path.join(tmp, "inputs.pt"))
         results = []
         for case in data["cases"][world]:
-            x1, x2, w = data["x1"][:, :case["D"]], data["x2"][:, :case["D"]], data["w"][:case["D"], :case["D"]]
+            x1, x2, w = (
+                data["x1"][:, : case["D"]],
+                data["x2"][:, : case["D"]],
+                data["w"][: case["D"], : case["D"]],
+            )
             n = x1.shape[0]
             rows = slice(rank * n // world, (rank + 1) * n // world)
             a, b, wl = (t.clone().requires_grad_() for t in (x1[rows], x2[rows], w))
@@ -427,27 +449,37 @@ def one_loss(case, a, b, w):
     if case["loss"] == "vicreg":
         return decorr.vicreg_loss(a, b, case["inv"], 25.0, case["cov"])
     f1, f2 = decorr.standardize(a), decorr.standardize(b)
-    return decorr.decorr_loss(f1, f2, w, parts=case["k"], inv_coef=case["inv"], cov_coef=case["cov"],
-                              stopgrad=case.get("sg", False))
+    return decorr.decorr_loss(
+        f1, f2, w, parts=case["k"], inv_coef=case["inv"], cov_coef=case["cov"], stopgrad=case.get("sg", False)
+    )
 
 
-N_DIST = 48                         # global rows: 24, 16, 12 per rank on 2, 3, 4 processes
+N_DIST = 48  # global rows: 24, 16, 12 per rank on 2, 3, 4 processes
 DIST_CASES = {  # world -> cases; k < world: a part spans ranks; k = 3 on 2 or 4: parts straddle ranks
-    world: [dict(loss="decorr", D=D, k=k, inv=inv, cov=cov, sg=sg)
-            for D in (13, 40)       # D = 13: parts of m >= D rows (D x D form) but k = 4, 8; 40: Gram form
-            for k, inv, cov, sg in ks]
+    world: [
+        dict(loss="decorr", D=D, k=k, inv=inv, cov=cov, sg=sg)
+        for D in (13, 40)  # D = 13: parts of m >= D rows (D x D form) but k = 4, 8; 40: Gram form
+        for k, inv, cov, sg in ks
+    ]
     + [dict(loss="barlowtwins", D=13, cov=0.0051), dict(loss="vicreg", D=13, inv=25.0, cov=1.0)]
-    for world, ks in {2: [(1, 1.0, 1.0, False), (2, 25.0, 8.0, False), (3, 1.0, 2.0, False), (4, 1.0, 1.0, True)],
-                      3: [(1, 1.0, 1.0, False), (2, 10.0, 1.0, False), (6, 1.0, 1.0, False)],
-                      4: [(1, 1.0, 1.0, True), (2, 25.0, 1.0, False), (3, 1.0, 1.0, False), (8, 1.0, 1.0, False)]}.items()}
+    for world, ks in {
+        2: [(1, 1.0, 1.0, False), (2, 25.0, 8.0, False), (3, 1.0, 2.0, False), (4, 1.0, 1.0, True)],
+        3: [(1, 1.0, 1.0, False), (2, 10.0, 1.0, False), (6, 1.0, 1.0, False)],
+        4: [(1, 1.0, 1.0, True), (2, 25.0, 1.0, False), (3, 1.0, 1.0, False), (8, 1.0, 1.0, False)],
+    }.items()
+}
 
 
 @pytest.fixture(scope="module")
 def dist_losses(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist_losses"))
     g = torch.Generator().manual_seed(9)
-    data = dict(x1=raw_features(N_DIST, 40, g), x2=raw_features(N_DIST, 40, g),
-                w=torch.randn(40, 40, generator=g, dtype=torch.float64) / math.sqrt(40), cases=DIST_CASES)
+    data = dict(
+        x1=raw_features(N_DIST, 40, g),
+        x2=raw_features(N_DIST, 40, g),
+        w=torch.randn(40, 40, generator=g, dtype=torch.float64) / math.sqrt(40),
+        cases=DIST_CASES,
+    )
     torch.save(data, os.path.join(tmp, "inputs.pt"))
     for world in DIST_CASES:
         if os.path.exists(os.path.join(tmp, "store")):
@@ -456,9 +488,15 @@ def dist_losses(tmp_path_factory):
     return data, {w: [torch.load(os.path.join(tmp, f"out{w}_{r}.pt")) for r in range(w)] for w in DIST_CASES}
 
 
-@pytest.mark.parametrize("world,case", [(w, i) for w, cs in DIST_CASES.items() for i in range(len(cs))],
-                         ids=[f"world{w}-{c['loss']}-D{c['D']}" + (f"-k{c['k']}-sg{int(c['sg'])}" if "k" in c else "")
-                              for w, cs in DIST_CASES.items() for c in cs])
+@pytest.mark.parametrize(
+    "world,case",
+    [(w, i) for w, cs in DIST_CASES.items() for i in range(len(cs))],
+    ids=[
+        f"world{w}-{c['loss']}-D{c['D']}" + (f"-k{c['k']}-sg{int(c['sg'])}" if "k" in c else "")
+        for w, cs in DIST_CASES.items()
+        for c in cs
+    ],
+)
 def test_distributed_equals_single_process(dist_losses, world, case):
     """W processes, each with its contiguous rows of the global batch, vs one process holding the
     whole batch with the same k, in float64: DDP averages parameter gradients, so the optimised loss
@@ -467,14 +505,19 @@ def test_distributed_equals_single_process(dist_losses, world, case):
     backward, so rank r's feature gradient is W x the single-process gradient of its rows."""
     data, outs = dist_losses
     c = DIST_CASES[world][case]
-    ins = [t.clone().requires_grad_() for t in (data["x1"][:, :c["D"]], data["x2"][:, :c["D"]], data["w"][:c["D"], :c["D"]])]
+    ins = [
+        t.clone().requires_grad_()
+        for t in (data["x1"][:, : c["D"]], data["x2"][:, : c["D"]], data["w"][: c["D"], : c["D"]])
+    ]
     single = one_loss(c, *ins)
     single[0].backward()
     res = [o[case] for o in outs[world]]
     for i, v in enumerate(single):
         assert_rel(torch.stack([r["values"][i] for r in res]).mean(), v, 1e-9, f"mean over ranks of term {i}")
     if c["loss"] == "decorr":
-        assert_rel(torch.stack([r["gw"] for r in res]).mean(0), ins[2].grad, 1e-9, "mean over ranks of W.grad")
+        assert_rel(
+            torch.stack([r["gw"] for r in res]).mean(0), ins[2].grad, 1e-9, "mean over ranks of W.grad"
+        )
     n = N_DIST
     for r, out in enumerate(res):
         rows = slice(r * n // world, (r + 1) * n // world)
@@ -499,15 +542,21 @@ def _dist_bn_worker(rank, world, tmp):
         y = model(x)
         (y * data["up"][rows]).sum().backward()
         with torch.no_grad():
-            model(data["x2"][rows])                    # a second step for the running stats
-        out.update(y=y.detach(), gx=x.grad, gweight=sbn.weight.grad, gbias=sbn.bias.grad,
-                   running_mean=sbn.running_mean.clone(), running_var=sbn.running_var.clone(),
-                   num_batches_tracked=sbn.num_batches_tracked.clone())
-        model.eval()                                   # diagnostics() runs the model in eval mode
+            model(data["x2"][rows])  # a second step for the running stats
+        out.update(
+            y=y.detach(),
+            gx=x.grad,
+            gweight=sbn.weight.grad,
+            gbias=sbn.bias.grad,
+            running_mean=sbn.running_mean.clone(),
+            running_var=sbn.running_var.clone(),
+            num_batches_tracked=sbn.num_batches_tracked.clone(),
+        )
+        model.eval()  # diagnostics() runs the model in eval mode
         try:
             with torch.no_grad():
                 out["y_eval"] = model(data["x"][rows])
-        except Exception as e:                         # reported by the eval-mode test
+        except Exception as e:  # reported by the eval-mode test
             out["eval_error"] = f"{type(e).__name__}: {e}"
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:
@@ -522,8 +571,13 @@ def dist_bn(tmp_path_factory):
     g = torch.Generator().manual_seed(10)
     world, n, C = 2, 8, 3
     x = torch.randn(n, C, 4, 4, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(1, C, 1, 1) + 2
-    data = dict(x=x, x2=torch.randn(n, C, 4, 4, generator=g) - 1, up=torch.randn(n, C, 4, 4, generator=g),
-                weight=torch.rand(C, generator=g) + 0.5, bias=torch.randn(C, generator=g))
+    data = dict(
+        x=x,
+        x2=torch.randn(n, C, 4, 4, generator=g) - 1,
+        up=torch.randn(n, C, 4, 4, generator=g),
+        weight=torch.rand(C, generator=g) + 0.5,
+        bias=torch.randn(C, generator=g),
+    )
     torch.save(data, tmp / "inputs.pt")
     mp.spawn(_dist_bn_worker, args=(world, str(tmp)), nprocs=world, join=True)
     res = [torch.load(tmp / f"out{r}.pt") for r in range(world)]
@@ -534,15 +588,22 @@ def dist_bn(tmp_path_factory):
         bn.bias.copy_(data["bias"])
     xs = x.clone().requires_grad_()
     y = bn(xs)
-    ((y * data["up"]).sum() / world).backward()       # DDP's objective: the mean over ranks
+    ((y * data["up"]).sum() / world).backward()  # DDP's objective: the mean over ranks
     with torch.no_grad():
         bn(data["x2"])
     bn.eval()
     with torch.no_grad():
         y_eval = bn(x)
-    single = dict(y=y.detach(), gx=xs.grad, gweight=bn.weight.grad, gbias=bn.bias.grad,
-                  running_mean=bn.running_mean, running_var=bn.running_var,
-                  num_batches_tracked=bn.num_batches_tracked, y_eval=y_eval)
+    single = dict(
+        y=y.detach(),
+        gx=xs.grad,
+        gweight=bn.weight.grad,
+        gbias=bn.bias.grad,
+        running_mean=bn.running_mean,
+        running_var=bn.running_var,
+        num_batches_tracked=bn.num_batches_tracked,
+        y_eval=y_eval,
+    )
     return res, single, world, n
 
 
@@ -575,8 +636,10 @@ def test_cpu_sync_batchnorm_eval_mode_uses_running_stats(dist_bn):
 def test_corr_dist_identity_correlation_is_zero():
     g = torch.Generator().manual_seed(11)
     n, D = 256, 32
-    q = whitened_parts(n, D, 1, g)                   # correlation exactly I
-    h = q * (0.1 + 5 * torch.rand(D, generator=g, dtype=torch.float64)) + 10 * torch.randn(D, generator=g, dtype=torch.float64)
+    q = whitened_parts(n, D, 1, g)  # correlation exactly I
+    h = q * (0.1 + 5 * torch.rand(D, generator=g, dtype=torch.float64)) + 10 * torch.randn(
+        D, generator=g, dtype=torch.float64
+    )
     assert abs(decorr.corr_dist(h.float())) < 1e-4
 
 
@@ -585,7 +648,7 @@ def test_corr_dist_matches_direct_computation():
     n, D = 256, 32
     h = raw_features(n, D, g)
     expected = ((torch.corrcoef(h.T) - torch.eye(D, dtype=torch.float64)).pow(2).sum() / D).item()
-    assert expected > 0.5                              # non-trivial
+    assert expected > 0.5  # non-trivial
     assert decorr.corr_dist(h.float()) == pytest.approx(expected, rel=1e-4)
 
 
@@ -595,7 +658,7 @@ def test_wp_offdiag():
     assert decorr.wp_offdiag(torch.diag(torch.rand(D, generator=g) + 0.5)) == pytest.approx(0.0, abs=1e-6)
     dense = torch.randn(D, D, generator=g) / math.sqrt(D) + torch.eye(D)
     wn = dense.double() / dense.double().diagonal().unsqueeze(1)
-    expected = (1 - D / wn.pow(2).sum()).item()         # share of energy off the diagonal
+    expected = (1 - D / wn.pow(2).sum()).item()  # share of energy off the diagonal
     assert expected > 0.1
     assert decorr.wp_offdiag(dense) == pytest.approx(expected, rel=1e-4)
 
@@ -603,9 +666,9 @@ def test_wp_offdiag():
 def test_eff_rank_of_rank_r_features():
     g = torch.Generator().manual_seed(14)
     n, D, r = 256, 64, 5
-    u = whitened_parts(n, r, 1, g) / math.sqrt(n)    # n x r orthonormal, centred columns
+    u = whitened_parts(n, r, 1, g) / math.sqrt(n)  # n x r orthonormal, centred columns
     v, _ = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))
-    x = 3.0 * u @ v.T + torch.randn(D, generator=g, dtype=torch.float64)     # equal singular values
+    x = 3.0 * u @ v.T + torch.randn(D, generator=g, dtype=torch.float64)  # equal singular values
     assert decorr.eff_rank(x.float()) == pytest.approx(r, abs=0.05)
     full = torch.randn(n, D, generator=g)
     assert decorr.eff_rank(full) > 0.8 * D
@@ -620,7 +683,7 @@ def test_collapsing():
     g = torch.Generator().manual_seed(15)
     const = torch.randn(1, 64, generator=g).expand(256, 64).contiguous()
     assert decorr.collapsing(*_feat_std_and_rank(const)) is True
-    one_dir = torch.randn(256, 1, generator=g) @ torch.randn(1, 64, generator=g)   # dimensional collapse
+    one_dir = torch.randn(256, 1, generator=g) @ torch.randn(1, 64, generator=g)  # dimensional collapse
     assert decorr.collapsing(*_feat_std_and_rank(one_dir)) is True
     healthy = torch.randn(256, 64, generator=g)
     assert decorr.collapsing(*_feat_std_and_rank(healthy)) is False
@@ -648,12 +711,12 @@ def test_wp_picture_diagonal_is_bright():
     w = torch.diag(torch.rand(D, generator=g) + 0.5) + 0.05 * torch.randn(D, D, generator=g)
     img = decorr.wp_picture(w, size=size)
     assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3 and img.shape[1] == size
-    a = img[1].float()                                  # green channel: increasing in |W|
+    a = img[1].float()  # green channel: increasing in |W|
     i = torch.arange(size)
     block = i // (size // D)
     on = block.view(-1, 1) == block.view(1, -1)
-    for x0 in (0, img.shape[2] - size):                 # both panels
-        panel = a[:, x0:x0 + size]
+    for x0 in (0, img.shape[2] - size):  # both panels
+        panel = a[:, x0 : x0 + size]
         assert panel[on].min() > panel[~on].max(), f"panel at x={x0}: diagonal not brighter"
 
 
@@ -664,12 +727,12 @@ def test_learning_rate_schedule():
     total, warmup, base = 100, 10, 0.6
     lr = [decorr.learning_rate(s, total, warmup, base) for s in range(total + 1)]
     steps = np.diff(lr[:warmup])
-    assert lr[0] > 0 and np.allclose(steps, steps[0]) and steps[0] > 0     # linear rise
+    assert lr[0] > 0 and np.allclose(steps, steps[0]) and steps[0] > 0  # linear rise
     assert lr[warmup - 1] == pytest.approx(base) and lr[warmup] == pytest.approx(base)
-    assert all(b <= a + 1e-12 for a, b in zip(lr[warmup:], lr[warmup + 1:]))  # then non-increasing
+    assert all(b <= a + 1e-12 for a, b in zip(lr[warmup:], lr[warmup + 1 :]))  # then non-increasing
     mid = warmup + (total - warmup) // 2
-    assert lr[mid] == pytest.approx(base / 2, rel=1e-6)                     # cosine: half way
-    assert lr[total] == pytest.approx(0.0, abs=1e-12)                       # ends at 0
+    assert lr[mid] == pytest.approx(base / 2, rel=1e-6)  # cosine: half way
+    assert lr[total] == pytest.approx(0.0, abs=1e-12)  # ends at 0
     assert lr[total - 1] < 1e-3 * base
 
 
@@ -712,17 +775,19 @@ def test_lars_steps_match_hand_computation():
         net.lin.weight.grad = torch.from_numpy(gw).float().unsqueeze(0)
         net.lin.bias.grad = torch.tensor([gb])
         for p in (net.bn.weight, net.bn.bias):
-            p.grad = None                                # no grad: left alone
+            p.grad = None  # no grad: left alone
         opt.step()
-        d = gw + wd * w                                  # weight decay, then the trust ratio
+        d = gw + wd * w  # weight decay, then the trust ratio
         d = d * eta * np.linalg.norm(w) / np.linalg.norm(d)
         mu_w = mom * mu_w + d
         w = w - lr * mu_w
-        mu_b = mom * mu_b + gb                           # bias: plain momentum SGD
+        mu_b = mom * mu_b + gb  # bias: plain momentum SGD
         b = b - lr * mu_b
         np.testing.assert_allclose(net.lin.weight.detach().numpy()[0], w, rtol=1e-6)
         np.testing.assert_allclose(net.lin.bias.item(), b, rtol=1e-6)
-    assert torch.equal(net.bn.weight.detach(), torch.ones(1)) and torch.equal(net.bn.bias.detach(), torch.zeros(1))
+    assert torch.equal(net.bn.weight.detach(), torch.ones(1)) and torch.equal(
+        net.bn.bias.detach(), torch.zeros(1)
+    )
 
 
 def test_lars_zero_parameter_uses_unit_trust_ratio():
@@ -744,7 +809,7 @@ def test_train_step_is_forward_backward_update():
     opts = [decorr.make_optimizer(n, args) for n in nets]
     x1, x2 = torch.randn(2, 8, 3, 32, 32)
     out = decorr.train_step(nets[0], opts[0], torch.amp.GradScaler("cpu", enabled=False), x1, x2, 0.5, None)
-    ref = nets[1](x1, x2)                                  # by hand: forward, backward, LARS at lr 0.5
+    ref = nets[1](x1, x2)  # by hand: forward, backward, LARS at lr 0.5
     ref[0].backward()
     for gr in opts[1].param_groups:
         gr["lr"] = 0.5
@@ -752,7 +817,7 @@ def test_train_step_is_forward_backward_update():
     assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref))
     after, by_hand = nets[0].state_dict(), nets[1].state_dict()
     assert all(torch.equal(after[k], by_hand[k]) for k in after)
-    assert not torch.equal(after["predictor.weight"], start["predictor.weight"])    # it did update
+    assert not torch.equal(after["predictor.weight"], start["predictor.weight"])  # it did update
     assert not torch.equal(after["projector.1.running_mean"], start["projector.1.running_mean"])
     mus = [[o.state[p]["mu"] for p in n.parameters() if p.requires_grad] for o, n in zip(opts, nets)]
     assert all(torch.equal(a, b) for a, b in zip(*mus))

@@ -1,6 +1,10 @@
 """Tests for lineval.py (CPU, well under two minutes): the fast probe on features with known answers,
 then the command line on a checkpoint from a short decorr.py run, random init, and bad input."""
-import json, os, subprocess, sys
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,8 +31,13 @@ def png(path, hwc):
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(HERE, "lineval.py"), *map(str, argv)],
-                          capture_output=True, text=True, cwd=HERE, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "lineval.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=300,
+    )
 
 
 def last_json(stdout):
@@ -45,9 +54,28 @@ def run_main(capsys, *argv):
 def run(tmp_path_factory):
     """A decorr output folder from a two-step run (resnet18, CIFAR stem, synthetic data)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "decorr.py"), "--steps", "2", "--batch-size", "32",
-                        "--proj", "64-64", "--amp", "none", "--workers", "0", "--out", str(out)],
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "decorr.py"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--proj",
+            "64-64",
+            "--amp",
+            "none",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -64,7 +92,9 @@ def folder(tmp_path_factory):
                 png(root / split / f"class{c}" / f"{i}.png", img)
     return root
 
+
 # ----------------------------------------------------------------------------- the probe itself
+
 
 def blobs(n, d, classes, seed, sep):
     g = torch.Generator().manual_seed(seed)
@@ -100,12 +130,14 @@ def test_probe_random_labels_stay_at_chance():
 def test_topk_correct_and_knn():
     logits = torch.tensor([[3.0, 2, 1, 0, -1, -2], [0, 1, 2, 3, 4, 5]])
     assert lineval.topk_correct(logits, torch.tensor([1, 0])) == [0, 1]
-    assert lineval.topk_correct(logits[:, :3], torch.tensor([0, 0]), ks=(1, 5)) == [1, 2]   # 3 classes
+    assert lineval.topk_correct(logits[:, :3], torch.tensor([0, 0]), ks=(1, 5)) == [1, 2]  # 3 classes
     xt, yt = blobs(300, 16, 5, 0, sep=4.0)
     xv, yv = blobs(100, 16, 5, 1, sep=4.0)
     assert lineval.knn_top1(xt, yt, xv, yv, 5, k=10, chunk=7) >= 99.0
 
+
 # ----------------------------------------------------------------------------- the command line
+
 
 def test_decorr_run_end_to_end(run):
     """python decorr.py && python lineval.py out: arch, stem and data come from the run."""
@@ -138,35 +170,67 @@ def test_backbone_pt_and_plain_state_dict(run, folder, capsys, tmp_path):
 
 def test_random_init_from_run_folder(run, capsys):
     res = run_main(capsys, run, "--random-init", "--limit", 100, "--workers", 0, "--fast-epochs", 5)
-    assert res["random_init"] and res["arch"] == "resnet18" and res["data"] == "synthetic" and res["small_stem"]
+    assert (
+        res["random_init"] and res["arch"] == "resnet18" and res["data"] == "synthetic" and res["small_stem"]
+    )
     assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["random_init"]
 
 
 def test_random_init_without_checkpoint_is_seeded(folder, capsys):
-    args = ["--random-init", "--arch", "resnet18", "--data", folder, "--img-size", 32, "--workers", 0, "--knn", 3]
+    args = [
+        "--random-init",
+        "--arch",
+        "resnet18",
+        "--data",
+        folder,
+        "--img-size",
+        32,
+        "--workers",
+        0,
+        "--knn",
+        3,
+    ]
     a, b = run_main(capsys, *args), run_main(capsys, *args)
     assert a["ckpt"] is None and a["random_init"] and a["small_stem"] and a["n_train"] == a["n_val"] == 12
     assert (a["top1"], a["knn_top1"]) == (b["top1"], b["knn_top1"])
 
 
 def test_linear_mode(run, folder, capsys):
-    lineval.main([str(a) for a in (run, "--mode", "linear", "--data", folder, "--epochs", 2, "--batch-size", 8,
-                                   "--workers", 0)])
+    lineval.main(
+        [
+            str(a)
+            for a in (
+                run,
+                "--mode",
+                "linear",
+                "--data",
+                folder,
+                "--epochs",
+                2,
+                "--batch-size",
+                8,
+                "--workers",
+                0,
+            )
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" |")[0] for line in out if line.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
     res = json.loads(out[-1])
     assert res["mode"] == "linear" and res["epochs"] == 2 and 0 <= res["top1"] <= res["top5"] == 100
 
+
 # ----------------------------------------------------------------------------- bad input
+
 
 def bad_inputs(run, folder, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     black = torch.zeros(8, 8, 3, dtype=torch.uint8)
-    png(tmp_path / "noval" / "train" / "a" / "0.png", black)                 # no val/
-    png(tmp_path / "flatval" / "val" / "0.png", black)                       # val/ without class folders
-    png(tmp_path / "otherclasses" / "val" / "zebra" / "0.png", black)        # val/ with other classes
+    png(tmp_path / "noval" / "train" / "a" / "0.png", black)  # no val/
+    png(tmp_path / "flatval" / "val" / "0.png", black)  # val/ without class folders
+    png(tmp_path / "otherclasses" / "val" / "zebra" / "0.png", black)  # val/ with other classes
     for name in ("flatval", "otherclasses"):
         os.symlink(folder / "train", tmp_path / name / "train")
     rand = ["--random-init", "--arch", "resnet18", "--data"]

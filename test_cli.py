@@ -69,7 +69,7 @@ def header(p):
 def assert_one_error_line(p, code=2):
     assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     assert "Traceback" not in p.stderr, p.stderr
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("decorr.py: error: "), lines[0]
     return lines[0]
@@ -84,7 +84,7 @@ def assert_same_losses(ref, other, terms, steps=3, rel=1e-4):
     """The first `steps` log rows of two runs agree: loss and each term to `rel`, step, epoch, lr."""
     a, b = train_rows(ref)[:steps], train_rows(other)[:steps]
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert (ra["epoch"], ra["lr"]) == (rb["epoch"], rb["lr"]), (ra, rb)
         for k in ("loss", *terms):
             assert math.isfinite(ra[k]) and math.isclose(ra[k], rb[k], rel_tol=rel, abs_tol=1e-7), (k, ra, rb)
@@ -101,7 +101,8 @@ def write_png(path, seed):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """10 steps with a constant lr on one process, k = 2 (also section 6's one-process reference for k = 2)."""
+    """10 steps with a constant lr on one process, k = 2 (also section 6's one-process reference for
+    k = 2)."""
     return run_ok(tmp_path_factory, "trained", TRAIN)
 
 
@@ -145,7 +146,7 @@ def test_short_run(trained):
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     net.maxpool = torch.nn.Identity()
     sd = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing, unexpected = net.load_state_dict(sd, strict=True)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert torch.equal(net.conv1.weight, ckpt["model"]["backbone.conv1.weight"])
 
@@ -318,7 +319,7 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
 
     la, lb = train_rows(a), train_rows(b)
     assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(1, 7))
-    for ra, rb in zip(la, lb):
+    for ra, rb in zip(la, lb, strict=True):
         # bitwise: CPU kernels are deterministic and the views are seeded by (seed, epoch, index)
         assert (ra["loss"], ra["inv"], ra["cov"], ra["lr"]) == (rb["loss"], rb["inv"], rb["cov"], rb["lr"]), (
             ra,
@@ -329,7 +330,7 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert ca["model"].keys() == cb["model"].keys()
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["mu"], sb["mu"])
 
     # --fresh: the old checkpoint and log are moved aside, training starts at step 0
@@ -449,9 +450,9 @@ def test_no_warnings(name, request):
     assert_no_warnings(p)
     if name.startswith("double"):
         other = [
-            l
-            for l in p.stderr.splitlines()
-            if l.strip() and set(l.strip()) != {"*"} and not l.startswith("Setting OMP_NUM_THREADS")
+            line
+            for line in p.stderr.splitlines()
+            if line.strip() and set(line.strip()) != {"*"} and not line.startswith("Setting OMP_NUM_THREADS")
         ]
         assert not other, p.stderr[-3000:]
 
@@ -614,5 +615,5 @@ def test_bf16_close_to_fp32(uninterrupted, tmp_path):
     bf16, fp32 = [r["loss"] for r in train_rows(out)], [r["loss"] for r in train_rows(uninterrupted)][:3]
     assert len(bf16) == 3 and all(math.isfinite(x) for x in bf16), bf16
     assert bf16 != fp32  # autocast is really on
-    for x, y in zip(bf16, fp32):
+    for x, y in zip(bf16, fp32, strict=True):
         assert abs(x - y) <= 0.1 * abs(y), (bf16, fp32)

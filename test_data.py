@@ -1,6 +1,6 @@
 """Tests for data.py: the augmentation and the data path.
 
-The reference is torchvision.transforms.v2 (the BYOL / Barlow Twins pipeline of NOTES.md):
+The reference is torchvision.transforms.v2 (the BYOL / Barlow Twins pipeline of the paper's sec. 5.1):
   1. each batched op, given per-image parameters, equals the v2.functional op applied image by
      image (float images in [0, 1]);
   2. the parameters drawn from NU uniforms per view follow v2's distributions (rates within
@@ -48,9 +48,10 @@ NU = data.NU
 # Float32 ops on values in [0, 1] agree with torchvision's to a few float32 ulps (~1e-6 seen);
 # 1e-5 leaves a 5x margin while any wrong formula or parameter is off by far more.
 ATOL = 1e-5
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # NOTES.md: ImageNet normalization
+# the paper's ImageNet normalization
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 THRESHOLD = 128 / 255  # solarize at 128 of 255
-# columns of u (decorr.py's comment above crop_boxes)
+# columns of u (data.py's comment above crop_boxes)
 FLIP, JIT_ON, GRAY, BLUR_ON, SIGMA, SOLAR_ON = 22, 23, 32, 33, 34, 35  # 24-27 factors, 28-31 order
 
 # ----------------------------------------------------------------------------- helpers
@@ -126,7 +127,7 @@ def torchvision_box(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 def v2_colour(x, u, blur_p, solarize_p, small):
     """colour() for one image x (3 x S x S) done with v2.functional, the parameters read from
-    u (one row) as documented in decorr.py."""
+    u (one row) as documented in data.py."""
     u = u.tolist()
     factors = (0.6 + 0.8 * u[24], 0.6 + 0.8 * u[25], 0.8 + 0.4 * u[26], 0.2 * u[27] - 0.1)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -186,9 +187,9 @@ def log_rows(out):
 
 
 def test_normalisation_constants_are_imagenet():
-    """The normalisation is ImageNet's (NOTES.md), as the pipeline's v2.Normalize."""
+    """The normalisation is ImageNet's (the paper's sec. 5.1), as the pipeline's v2.Normalize."""
     assert data.MEAN == IMAGENET_MEAN and data.STD == IMAGENET_STD
-    assert data.VIEWS == ((1.0, 0.0), (0.1, 0.2))  # NOTES.md: blur p 1.0 / 0.1, solarize p 0.0 / 0.2
+    assert data.VIEWS == ((1.0, 0.0), (0.1, 0.2))  # blur p 1.0 / 0.1, solarize p 0.0 / 0.2
 
 
 def _crop_cases(H, W):
@@ -262,7 +263,7 @@ def test_jitter_ops_equal_v2(op, v2_op, factors):
     x = _jitter_images()
     f = torch.tensor(factors)
     out = data.JITTER[op](x, f)
-    ref = torch.stack([v2_op(xi, fi) for xi, fi in zip(x, factors)])
+    ref = torch.stack([v2_op(xi, fi) for xi, fi in zip(x, factors, strict=True)])
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
     assert (out - x).abs().amax((1, 2, 3))[torch.tensor(factors) != 1].min() > 1e-3  # the op did act
@@ -281,7 +282,7 @@ def test_hue_shift_equals_v2_adjust_hue():
     x[:, :, 2, :4] = torch.tensor([0.0, 1.0, 0.3, 0.8]).view(1, 1, 4)  # gray levels incl. black, white
     shifts = [-0.5, -0.1, -0.03, 0.0, 0.05, 0.1, 0.5]
     out = data.JITTER[3](x, torch.tensor(shifts))
-    ref = torch.stack([TF.adjust_hue(xi, s) for xi, s in zip(x, shifts)])
+    ref = torch.stack([TF.adjust_hue(xi, s) for xi, s in zip(x, shifts, strict=True)])
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
     assert (out[:, :, 2, :4] - x[:, :, 2, :4]).abs().max() <= ATOL  # gray stays gray
@@ -319,7 +320,9 @@ def test_gaussian_blur_equals_v2():
     x = torch.rand(5, 3, 40, 40)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
     out = data.gaussian_blur(x, sigma)
-    ref = torch.stack([TF.gaussian_blur(xi, [23, 23], [s, s]) for xi, s in zip(x, sigma.tolist())])
+    ref = torch.stack(
+        [TF.gaussian_blur(xi, [23, 23], [s, s]) for xi, s in zip(x, sigma.tolist(), strict=True)]
+    )
     err = (out - ref).abs().max().item()
     assert err <= ATOL, f"max error {err:.2e}"
     assert (out[-1] - x[-1]).abs().max() > 0.1  # sigma 2 does blur
@@ -485,8 +488,8 @@ def _recording_colour(monkeypatch, u, blur_p, solarize_p, small=False):
         sigmas.append(sigma.double())
         return x
 
-    monkeypatch.setattr(decorr, "JITTER", tuple(recorder(k) for k in range(4)))
-    monkeypatch.setattr(decorr, "gaussian_blur", blur)
+    monkeypatch.setattr(data, "JITTER", tuple(recorder(k) for k in range(4)))
+    monkeypatch.setattr(data, "gaussian_blur", blur)
     x = torch.zeros(len(u), 3, 1, 1, dtype=torch.float64)
     y = unnormalise(data.colour(x, u, blur_p, solarize_p, small))
     codes = y[:, 0, 0, 0].round().long().tolist()
@@ -569,7 +572,7 @@ def test_grayscale_blur_solarize_rates(monkeypatch, view):
     assert len(sigmas_small) == 0  # no blur for small images
 
 
-# ----------------------------------------------------------------------------- 3. views from (seed, epoch, image)
+# --------------------------------------------------------------------------- 3. views of (seed, epoch, image)
 
 
 def _args(batch_size=8, seed=5, img_size=16, workers=0):
@@ -618,7 +621,7 @@ def test_views_are_the_same_on_one_and_two_processes(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert len(got) == len(single) == 7
-        for step, ((a1, a2), (b1, b2, _)) in enumerate(zip(got, single)):
+        for step, ((a1, a2), (b1, b2, _)) in enumerate(zip(got, single, strict=True)):
             rows = slice(4 * rank, 4 * rank + 4)
             assert a1.shape == (4, 3, 16, 16)
             for a, b in ((a1, b1[rows]), (a2, b2[rows])):
@@ -646,19 +649,19 @@ def test_resume_yields_the_same_batches():
     for first in (3, 4):
         resumed = _collect(_dataset(), first, 7)
         assert len(resumed) == 7 - first
-        for (a1, a2, _), (b1, b2, _) in zip(resumed, full[first:]):
+        for (a1, a2, _), (b1, b2, _) in zip(resumed, full[first:], strict=True):
             assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
 def test_views_do_not_depend_on_how_many_steps_are_made_at_once(monkeypatch):
     """data.AHEAD only sets how many images' views one call makes (on a GPU 4096; here 7 steps
     of 8 at once, across epochs of 3 steps): one step at a time gives the same views, bitwise."""
-    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=56))
+    monkeypatch.setattr(data, "AHEAD", dict(cpu=56))
     full = _collect(_dataset(), 0, 7)
-    monkeypatch.setattr(decorr, "AHEAD", {})
+    monkeypatch.setattr(data, "AHEAD", {})
     one = _collect(_dataset(), 0, 7)
     assert len(one) == len(full) == 7
-    for (a1, a2, _), (b1, b2, _) in zip(one, full):
+    for (a1, a2, _), (b1, b2, _) in zip(one, full, strict=True):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
@@ -670,8 +673,8 @@ def test_batches_in_memory_crops_equal_v2(monkeypatch, img_size):
     8 copies of one 20 x 20 image, so the image index does not matter. img_size 20 (= the images',
     as the defaults) and 28 (upsampling) hold; decorr.py refuses sizes other than the images' (next test)."""
     seen = []
-    monkeypatch.setattr(decorr, "AHEAD", dict(cpu=16))  # both steps in one call, as on a GPU
-    monkeypatch.setattr(decorr, "colour", lambda c, u, *p: seen.append((c.clone(), u.clone(), p)) or c)
+    monkeypatch.setattr(data, "AHEAD", dict(cpu=16))  # both steps in one call, as on a GPU
+    monkeypatch.setattr(data, "colour", lambda c, u, *p: seen.append((c.clone(), u.clone(), p)) or c)
     ds = _dataset(n=8, size=20, same=True)
     _collect(ds, 0, 2, img_size=img_size)
     img = ds.tensors[0][0].float() / 255
@@ -701,8 +704,8 @@ def test_in_memory_data_trains_at_its_images_size(tmp_path, img_size):
 def test_same_seed_same_views_other_seed_other_views():
     """The same seed gives the same batches; another seed other ones."""
     a, b, c = (_collect(_dataset(), 0, 2, seed=s) for s in (5, 5, 6))
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
-    assert all((p[0] - q[0]).abs().max() > 1e-3 for p, q in zip(a, c))
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+    assert all((p[0] - q[0]).abs().max() > 1e-3 for p, q in zip(a, c, strict=True))
 
 
 # ----------------------------------------------------------------------------- 4. unreadable images
@@ -771,7 +774,7 @@ def test_folder_batches_in_a_persistent_worker_equal_in_process(folder):
     root, bad = folder
     ds = data.Folder(str(root / "train"))
     runs = [_collect(ds, 0, 4, workers=w) for w in (0, 1)]
-    for (a1, a2, abad), (b1, b2, bbad) in zip(*runs):
+    for (a1, a2, abad), (b1, b2, bbad) in zip(*runs, strict=True):
         assert a1.shape == (8, 3, 16, 16) and torch.isfinite(a1).all()
         assert torch.equal(a1, b1) and torch.equal(a2, b2) and abad == bbad
     epoch = sorted(p for _, _, names in runs[0][:3] for p in names)
@@ -825,7 +828,7 @@ def test_training_on_folder_with_unreadable_images(folder, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["bad_images"] == expected > len(bad)
-    assert all(a["bad_images"] <= b["bad_images"] for a, b in zip(rows, rows[1:]))
+    assert all(a["bad_images"] <= b["bad_images"] for a, b in itertools.pairwise(rows))
 
 
 def test_folder_with_tiny_img_size_trains(folder, tmp_path):

@@ -9,6 +9,7 @@ minute on a 2-core CPU.
 """
 
 import datetime
+import itertools
 import math
 import os
 import types
@@ -123,9 +124,9 @@ def test_decorr_loss_matches_algorithm1(dtype, rtol, parts, inv_coef, cov_coef, 
     f1, f2, w = (t.to(dtype).double() for t in (f1, f2, w))
     ref, ref_g = loss_and_grads(algorithm1, f1, f2, w, **kw)
     out, out_g = loss_and_grads(decorr.decorr_loss, f1.to(dtype), f2.to(dtype), w.to(dtype), **kw)
-    for name, a, e in zip(("loss", "inv", "cov"), out, ref):
+    for name, a, e in zip(("loss", "inv", "cov"), out, ref, strict=True):
         assert_rel(a, e, rtol, name)
-    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g):
+    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g, strict=True):
         assert_rel(a, e, rtol, name)
 
 
@@ -155,12 +156,12 @@ def test_decorr_loss_float32_near_converged(parts):
     ref32, _ = loss_and_grads(algorithm1, f1, f2, w, parts=parts)
     out, out_g = loss_and_grads(decorr.decorr_loss, f1, f2, w, parts=parts)
     assert out[0].dtype == torch.float32
-    for name, a, e, r32 in zip(("loss", "inv", "cov"), out, ref, ref32):
+    for name, a, e, r32 in zip(("loss", "inv", "cov"), out, ref, ref32, strict=True):
         assert rel_err(a, e) <= 1e-4, (
             f"{name}: decorr_loss float32 relative error {rel_err(a, e):.3e} > 1e-4 "
             f"(Algorithm 1 itself in float32: {rel_err(r32, e):.1e}; exact {name} = {e.item():.4e})"
         )
-    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g):
+    for name, a, e in zip(("dL/df1", "dL/df2", "dL/dw"), out_g, ref_g, strict=True):
         assert_rel(a, e, 1e-4, name)
 
 
@@ -229,10 +230,10 @@ def test_baseline_matches_official(name, ours, ref, coefs):
         outs.append((vals, torch.autograd.grad(vals[0], (a, b))))
     (vo, go), (vr, gr) = outs
     assert len(vo) == len(vr)
-    for i, (a, e) in enumerate(zip(vo, vr)):
+    for i, (a, e) in enumerate(zip(vo, vr, strict=True)):
         assert a.dtype == torch.float64
         assert_rel(a, e, 1e-9, f"{name} term {i}")
-    for a, e, what in zip(go, gr, ("dL/dz1", "dL/dz2")):
+    for a, e, what in zip(go, gr, ("dL/dz1", "dL/dz2"), strict=True):
         assert_rel(a, e, 1e-9, f"{name} {what}")
 
 
@@ -243,7 +244,7 @@ def test_baselines_float32_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = fn(z1.bfloat16(), z2.bfloat16())
         assert all(t.dtype == torch.float32 for t in out)
-        for a, e in zip(out, fn(z1.bfloat16().float(), z2.bfloat16().float())):
+        for a, e in zip(out, fn(z1.bfloat16().float(), z2.bfloat16().float()), strict=True):
             assert_rel(a, e, 1e-5, fn.__name__)
 
 
@@ -381,10 +382,10 @@ def test_autocast_bf16_returns_float32():
     for t in (fa, fb, *vals):
         assert t.dtype == torch.float32
     for name, a, e in zip(
-        ("std(x1)", "std(x2)", "loss", "inv", "cov"), (fa, fb, *vals), (fa32, fb32, *vals32)
+        ("std(x1)", "std(x2)", "loss", "inv", "cov"), (fa, fb, *vals), (fa32, fb32, *vals32), strict=True
     ):
         assert_rel(a, e, 1e-5, name)
-    for name, a, e in zip(("dx1", "dx2", "dw"), grads, grads32):
+    for name, a, e in zip(("dx1", "dx2", "dw"), grads, grads32, strict=True):
         assert_rel(a, e, 1e-5, name)
 
     # bf16 inputs, as a Linear under autocast would produce them: float32 results, computed
@@ -393,9 +394,12 @@ def test_autocast_bf16_returns_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         s1, s2 = decorr.standardize(h1), decorr.standardize(h2)
         out = decorr.decorr_loss(h1, h2, w.bfloat16(), parts=2)
-    assert s1.dtype == torch.float32 and out[0].dtype == torch.float32
+    assert s1.dtype == s2.dtype == torch.float32 and out[0].dtype == torch.float32
     assert_rel(s1, decorr.standardize(h1.float()), 1e-6, "std(bf16)")
-    for a, e in zip(out, decorr.decorr_loss(h1.float(), h2.float(), w.bfloat16().float(), parts=2)):
+    assert_rel(s2, decorr.standardize(h2.float()), 1e-6, "std(bf16)")
+    for a, e in zip(
+        out, decorr.decorr_loss(h1.float(), h2.float(), w.bfloat16().float(), parts=2), strict=True
+    ):
         assert_rel(a, e, 1e-5, "decorr_loss(bf16)")
 
 
@@ -729,7 +733,7 @@ def test_learning_rate_schedule():
     steps = np.diff(lr[:warmup])
     assert lr[0] > 0 and np.allclose(steps, steps[0]) and steps[0] > 0  # linear rise
     assert lr[warmup - 1] == pytest.approx(base) and lr[warmup] == pytest.approx(base)
-    assert all(b <= a + 1e-12 for a, b in zip(lr[warmup:], lr[warmup + 1 :]))  # then non-increasing
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lr[warmup:]))  # then non-increasing
     mid = warmup + (total - warmup) // 2
     assert lr[mid] == pytest.approx(base / 2, rel=1e-6)  # cosine: half way
     assert lr[total] == pytest.approx(0.0, abs=1e-12)  # ends at 0
@@ -814,10 +818,12 @@ def test_train_step_is_forward_backward_update():
     for gr in opts[1].param_groups:
         gr["lr"] = 0.5
     opts[1].step()
-    assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
     after, by_hand = nets[0].state_dict(), nets[1].state_dict()
     assert all(torch.equal(after[k], by_hand[k]) for k in after)
     assert not torch.equal(after["predictor.weight"], start["predictor.weight"])  # it did update
     assert not torch.equal(after["projector.1.running_mean"], start["projector.1.running_mean"])
-    mus = [[o.state[p]["mu"] for p in n.parameters() if p.requires_grad] for o, n in zip(opts, nets)]
-    assert all(torch.equal(a, b) for a, b in zip(*mus))
+    mus = [
+        [o.state[p]["mu"] for p in n.parameters() if p.requires_grad] for o, n in zip(opts, nets, strict=True)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*mus, strict=True))

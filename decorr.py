@@ -7,7 +7,8 @@ Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (-
     loss = C_inv * ||W F1 - F2||^2 + C_cov / D * sum_parts ||W^T W - W C_part W^T||^2   (eq. 17, 19)
 
 Top to bottom: 1. the method: standardize, decorr_loss, the baselines  2. BatchNorm synchronised
-on CPUs  3. the model  4. data, augmentation  5. LARS  6. diagnostics  7. files  8. training.
+on CPUs  3. the model  4. LARS and the schedule  5. diagnostics  6. files  7. training.
+The data and the augmentation are in data.py.
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
@@ -40,7 +41,8 @@ class AllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group=None):
-        ctx.group, x = group, x.contiguous().clone()
+        ctx.group = group
+        x = x.contiguous().clone()
         dist.all_reduce(x, group=group)
         return x
 
@@ -67,20 +69,32 @@ class AllGather(torch.autograd.Function):
 
 
 def global_sum(x):
-    return AllReduce.apply(x, None) if rank_world()[1] > 1 else x
+    """x summed over all ranks (with its gradient); x itself in one process."""
+    if rank_world()[1] > 1:
+        return AllReduce.apply(x, None)
+    return x
+
+
+def per_channel(v, ndim):
+    """A vector of channel values shaped to broadcast over a tensor of ndim dimensions (N, C, ...)."""
+    return v.view(-1, *[1] * (ndim - 2))
 
 
 def batch_stats(x, dims):
     """Mean and biased variance over `dims` of the global batch (equal batches on all ranks)."""
     world = rank_world()[1]
     mean = global_sum(x.mean(dims)) / world
-    return mean, global_sum((x - mean.view(-1, *[1] * (x.dim() - 2))).pow(2).mean(dims)) / world
+    var = global_sum((x - per_channel(mean, x.dim())).pow(2).mean(dims)) / world
+    return mean, var
 
 
-def working_precision(*ts):
+def working_precision(*tensors):
     """The tensors in float32, or all in float64 if one is: the losses' precision under autocast."""
-    dtype = torch.float64 if torch.float64 in [t.dtype for t in ts] else torch.float32
-    return [t.to(dtype) for t in ts]
+    if torch.float64 in [t.dtype for t in tensors]:
+        dtype = torch.float64
+    else:
+        dtype = torch.float32
+    return [t.to(dtype) for t in tensors]
 
 
 def standardize(f, eps=1e-5):
@@ -93,26 +107,38 @@ def standardize(f, eps=1e-5):
 
 class GramSquare(torch.autograd.Function):
     """scale * ||W[:, lo:hi]^T W||_F^2 with the symmetric backward 4 scale W[:, lo:hi] (W[:, lo:hi]^T W):
-    for lo:hi = all, d||W^T W||^2/dW = 4 W (W^T W), one D^3 product where autograd spends two.
-    With this rank's rows and scale = world size, the mean of the gradients over ranks is exact."""
+    for lo:hi = all, d||W^T W||^2/dW = 4 W (W^T W) (Lemma 3.2), one D^3 product where autograd spends
+    two. With this rank's rows and scale = world size, the mean of the gradients over ranks is exact."""
 
     @staticmethod
     def forward(ctx, w, lo, hi, scale):
-        b = w[:, lo:hi].T @ w
-        ctx.save_for_backward(w, b)
-        ctx.lo, ctx.hi, ctx.scale = lo, hi, scale
-        return scale * b.pow(2).sum()
+        block = w[:, lo:hi].T @ w
+        ctx.save_for_backward(w, block)
+        ctx.lo = lo
+        ctx.hi = hi
+        ctx.scale = scale
+        return scale * block.pow(2).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        w, b = ctx.saved_tensors
-        return 4 * ctx.scale * grad * (w[:, ctx.lo : ctx.hi] @ b), None, None, None
+        w, block = ctx.saved_tensors
+        return 4 * ctx.scale * grad * (w[:, ctx.lo : ctx.hi] @ block), None, None, None
 
 
 @functools.cache
-def part_group(g, world):
-    """The process group of this rank's block of g consecutive ranks (made once, by all ranks)."""
-    return None if g == world else dist.new_subgroups(g)[0]
+def part_group(ranks_per_group, world):
+    """The process group of this rank's block of consecutive ranks (made once, by all ranks)."""
+    if ranks_per_group == world:
+        return None
+    return dist.new_subgroups(ranks_per_group)[0]
+
+
+def rows_of_part(part, part_size, first_row, n):
+    """The slice of this rank's n rows that belongs to part `part`, whose rows start at part * part_size
+    in the group; first_row is this rank's first row in the group. Empty when the part is elsewhere."""
+    start = min(max(part * part_size - first_row, 0), n)
+    stop = min(max((part + 1) * part_size - first_row, 0), n)
+    return slice(start, stop)
 
 
 def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
@@ -132,35 +158,44 @@ def decorr_loss(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0, stopgrad=False):
     stopgrad: Table 3's StopGrad on the targets. Float32 even under autocast (float64 stays float64)."""
     with torch.autocast(f1.device.type, enabled=False):
         f1, f2, w = working_precision(f1, f2, w)
-        (n, D), (rank, world) = f1.shape, rank_world()
+        n, D = f1.shape
+        rank, world = rank_world()
         if n * world % parts:
             raise UsageError(f"a batch of {n * world} rows does not split into {parts} equal partitions")
         m = n * world // parts  # rows per part
-        g = math.lcm(n, m) // n  # ranks per group: the fewest holding whole parts
-        group, lo = part_group(g, world) if g > 1 else None, rank % g * n  # lo: my first row in it
-        mine = lambda j: slice(min(max(j * m - lo, 0), n), min(max((j + 1) * m - lo, 0), n))  # of part j
-        p1, p2 = f1 @ w.T, f2 @ w.T
-        t1, t2 = (f1.detach(), f2.detach()) if stopgrad else (f1, f2)
-        inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()
+        g = math.lcm(n, m) // n  # ranks per group: the fewest ranks that hold whole parts
+        group = part_group(g, world) if g > 1 else None
+        first_row = rank % g * n  # my first row in the group
+        p1 = f1 @ w.T
+        p2 = f2 @ w.T
+        if stopgrad:
+            t1, t2 = f1.detach(), f2.detach()
+        else:
+            t1, t2 = f1, f2
+        inv = (p1 - t2).pow(2).mean() + (p2 - t1).pow(2).mean()  # eq. 17
         cov = 0.0
         if m >= D:  # each rank of a group: its block of rows of the D x D difference
             rows = slice(rank % g * D // g, (rank % g + 1) * D // g)
             wtw = w[:, rows].T @ w
             for p in (p1, p2):
                 for j in range(g * n // m):  # the group's parts
-                    c = p[mine(j)].T @ p[mine(j)]
-                    c = AllReduce.apply(c, group) if g > 1 else c
-                    cov = cov + (c[rows] / m - wtw).pow(2).sum() * world / parts
+                    mine = rows_of_part(j, m, first_row, n)
+                    c = p[mine].T @ p[mine]
+                    if g > 1:
+                        c = AllReduce.apply(c, group)
+                    cov = cov + (c[rows] / m - wtw).pow(2).sum() * world / parts  # eq. 19
         else:
             cov = 2 * GramSquare.apply(w, rank * D // world, (rank + 1) * D // world, world)
             for p in (p1, p2):
-                if g == 1:  # whole parts: one product
-                    gram = torch.bmm(p.view(-1, m, D), p.view(-1, m, D).transpose(1, 2)).pow(2).sum()
-                else:  # my rows of my parts' Grams
+                if g == 1:  # whole parts: one batched product
+                    blocks = p.view(-1, m, D)
+                    gram = torch.bmm(blocks, blocks.transpose(1, 2)).pow(2).sum()
+                else:  # my rows of my parts' Gram matrices
                     q = AllGather.apply(p, group)
+                    my_parts = range(first_row // m, (first_row + n - 1) // m + 1)
                     gram = sum(
-                        (p[mine(j)] @ q[j * m : (j + 1) * m].T).pow(2).sum()
-                        for j in range(lo // m, (lo + n - 1) // m + 1)
+                        (p[rows_of_part(j, m, first_row, n)] @ q[j * m : (j + 1) * m].T).pow(2).sum()
+                        for j in my_parts
                     )
                 cov = cov + gram * world / (parts * m * m) - 2 * (p @ w.T).pow(2).sum() / n
         loss = inv_coef * inv + cov_coef / D * cov
@@ -173,7 +208,8 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
     with BN = standardize, N the global batch and c summed over ranks with AllReduce (the official
     raw all_reduce makes the gradients world-size times too small; these are one process's)."""
     with torch.autocast(z1.device.type, enabled=False):
-        c = global_sum(standardize(z1).T @ standardize(z2)) / (z1.shape[0] * rank_world()[1])
+        global_batch = z1.shape[0] * rank_world()[1]
+        c = global_sum(standardize(z1).T @ standardize(z2)) / global_batch
         on_diag = (1 - c.diagonal()).pow(2).sum()
         off_diag = c.pow(2).sum() - c.diagonal().pow(2).sum()
     return on_diag + lambd * off_diag, on_diag, off_diag
@@ -186,8 +222,11 @@ def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
     with C_v view v's covariance over the global batch of N (/ (N - 1)), summed with AllReduce."""
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = working_precision(z1, z2)
-        (n, D), world = z1.shape, rank_world()[1]
-        inv, var, cov = (z1 - z2).pow(2).mean(), 0.0, 0.0
+        n, D = z1.shape
+        world = rank_world()[1]
+        inv = (z1 - z2).pow(2).mean()
+        var = 0.0
+        cov = 0.0
         for z in (z1, z2):
             z = z - batch_stats(z, (0,))[0]
             c = global_sum(z.T @ z) / (n * world - 1)
@@ -215,9 +254,10 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
             self.num_batches_tracked += 1
-        col = lambda v: v.view(-1, *[1] * (x.dim() - 2))  # per channel, broadcastable
-        y = (xf - col(mean)) / torch.sqrt(col(var) + self.eps)
-        return (y * col(self.weight) + col(self.bias) if self.affine else y).to(x.dtype)
+        y = (xf - per_channel(mean, x.dim())) / torch.sqrt(per_channel(var, x.dim()) + self.eps)
+        if self.affine:
+            y = y * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
+        return y.to(x.dtype)
 
 
 def sync_batchnorm(module, device):
@@ -241,15 +281,19 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 
 def build_backbone(arch, small_stem):
     """torchvision ResNet without fc, zero_init_residual=True (sec. 5.1); for images of 64 px or
-    less the CIFAR stem: 3x3 conv, stride 1, no max-pool. Returns (backbone, feature dim)."""
+    less the CIFAR stem: 3x3 conv, stride 1, no max-pool. Returns (backbone, feature dim).
+    A backbone.pt that decorr.py writes loads into build_backbone(arch, small_stem)[0]."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True)
     if small_stem:
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    dim, net.fc = net.fc.in_features, nn.Identity()
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
     return net, dim
 
 
 def parse_proj(spec):
+    """'8192-8192-8192' -> [8192, 8192, 8192]: the projector's widths, the last is D."""
     dims = [int(d) if d.isdigit() else 0 for d in spec.split("-")]
     if min(dims) <= 0:
         raise UsageError(f"--proj {spec!r} is not a list of positive widths like 8192-8192-8192")
@@ -258,11 +302,11 @@ def parse_proj(spec):
 
 def build_projector(in_dim, dims):
     """Linear + BatchNorm + ReLU between layers, plain Linear last; no biases (a BatchNorm follows)."""
-    layers = [
-        mod
-        for d_in, d in zip([in_dim] + dims, dims)
-        for mod in (nn.Linear(d_in, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True))
-    ]
+    layers = []
+    for d_in, d_out in zip([in_dim] + dims, dims):
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        layers.append(nn.BatchNorm1d(d_out))
+        layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers[:-2])
 
 
@@ -272,13 +316,13 @@ class Model(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.args, (self.backbone, dim), dims = (
-            args,
-            build_backbone(args.arch, args.img_size <= 64),
-            parse_proj(args.proj),
-        )
-        self.projector, D, self.predictor = build_projector(dim, dims), dims[-1], None
+        self.args = args
+        self.backbone, dim = build_backbone(args.arch, small_stem=args.img_size <= 64)
+        dims = parse_proj(args.proj)
+        self.projector = build_projector(dim, dims)
+        self.predictor = None
         if args.loss == "decorr":
+            D = dims[-1]
             # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point
             # for decorrelated features; from nn.Linear's random init (appendix C, Fig. 3) W first shrinks.
             self.predictor = nn.Linear(D, D, bias=False)
@@ -287,18 +331,21 @@ class Model(nn.Module):
             self.predictor.weight.requires_grad_(not args.identity_predictor)  # Table 3: W fixed to I
 
     def forward(self, x1, x2):
-        a = self.args
-        f1, f2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # BN statistics per view
-        if a.loss == "barlowtwins":
-            return barlow_twins_loss(f1, f2, a.cov_coef)
-        if a.loss == "vicreg":
-            return vicreg_loss(f1, f2, a.inv_coef, a.std_coef, a.cov_coef)
-        if not a.no_std:
-            f1, f2 = standardize(f1), standardize(f2)
-        return decorr_loss(f1, f2, self.predictor.weight, a.partitions, a.inv_coef, a.cov_coef, a.stopgrad)
+        args = self.args
+        f1 = self.projector(self.backbone(x1))  # BatchNorm statistics per view
+        f2 = self.projector(self.backbone(x2))
+        if args.loss == "barlowtwins":
+            return barlow_twins_loss(f1, f2, args.cov_coef)
+        if args.loss == "vicreg":
+            return vicreg_loss(f1, f2, args.inv_coef, args.std_coef, args.cov_coef)
+        if not args.no_std:
+            f1 = standardize(f1)
+            f2 = standardize(f2)
+        w = self.predictor.weight
+        return decorr_loss(f1, f2, w, args.partitions, args.inv_coef, args.cov_coef, args.stopgrad)
 
 
-# ----------------------------------------------------------------------------- 5. optimisation
+# ----------------------------------------------------------------------------- 4. LARS and the schedule
 
 
 class LARS(torch.optim.Optimizer):
@@ -306,53 +353,53 @@ class LARS(torch.optim.Optimizer):
     (biases, BatchNorm) get neither weight decay nor the trust ratio."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
-        super().__init__(
-            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True)
-        )
-        self.state.update({p: dict(mu=torch.zeros_like(p)) for g in self.param_groups for p in g["params"]})
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = dict(mu=torch.zeros_like(p))
 
     @torch.no_grad()
-    def step(self):  # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.grad is not None]
-            dps = [p.grad for p in ps]  # changed in place: reset before each backward
-            if g["lars"]:
-                torch._foreach_add_(dps, ps, alpha=g["weight_decay"])
-                pn, dn = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(dps))
-                torch._foreach_mul_(
-                    dps, list(torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, 1.0).unbind())
-                )
-            mu = [self.state[p]["mu"] for p in ps]
-            torch._foreach_mul_(mu, g["momentum"])
-            torch._foreach_add_(mu, dps)
-            torch._foreach_add_(ps, mu, alpha=-g["lr"])
+    def step(self):
+        # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]  # changed in place: reset before each backward
+            if group["lars"]:
+                torch._foreach_add_(grads, params, alpha=group["weight_decay"])
+                param_norms = torch.stack(torch._foreach_norm(params))
+                grad_norms = torch.stack(torch._foreach_norm(grads))
+                both_positive = (param_norms > 0) & (grad_norms > 0)
+                trust = torch.where(both_positive, group["eta"] * param_norms / grad_norms, 1.0)
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            momenta = [self.state[p]["mu"] for p in params]
+            torch._foreach_mul_(momenta, group["momentum"])
+            torch._foreach_add_(momenta, grads)
+            torch._foreach_add_(params, momenta, alpha=-group["lr"])
 
 
 def make_optimizer(model, args):
+    """LARS on the weights; biases and BatchNorm parameters without weight decay or trust ratio."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return LARS(
-        [
-            dict(params=[p for p in params if p.ndim > 1]),
-            dict(params=[p for p in params if p.ndim <= 1], lars=False, weight_decay=0.0),
-        ],
-        lr=0.0,
-        weight_decay=args.wd,
-        eta=args.lars_eta,
-    )
+    weights = [p for p in params if p.ndim > 1]
+    others = [p for p in params if p.ndim <= 1]
+    groups = [dict(params=weights), dict(params=others, lars=False, weight_decay=0.0)]
+    return LARS(groups, lr=0.0, weight_decay=args.wd, eta=args.lars_eta)
 
 
-def learning_rate(step, total, warmup, base):  # linear warmup, then cosine decay to 0
-    return (
-        base * (step + 1) / warmup
-        if step < warmup
-        else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    )
+def learning_rate(step, total, warmup, base):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_step(model, opt, scaler, x1, x2, lr, amp):
-    """One update at learning rate lr, forward under autocast(amp): (loss, *terms), unread (bench.py times it)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
+    """One update at learning rate lr, forward under autocast(amp): (loss, *terms), not read back to the
+    CPU (bench.py times this function)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
     with torch.autocast(x1.device.type, dtype=amp, enabled=amp is not None):
         loss, *terms = model(x1, x2)
     opt.zero_grad(set_to_none=True)
@@ -362,24 +409,26 @@ def train_step(model, opt, scaler, x1, x2, lr, amp):
     return loss, *terms
 
 
-# ----------------------------------------------------------------------------- 6. diagnostics
+# ----------------------------------------------------------------------------- 5. diagnostics
 
 
 def centred_unit(x, eps=1e-8):
+    """Each column centred and scaled to unit root mean square."""
     x = x.float() - x.float().mean(0)
     return x / (x.pow(2).mean(0).sqrt() + eps)
 
 
 def corr_dist(h):
     """Fig. 1's ||Sigma - I||_F^2 / D, Sigma the correlation of h, via ||Z^T Z/n||^2 = ||Z Z^T||^2/n^2."""
-    z, (n, D) = centred_unit(h), h.shape
+    z = centred_unit(h)
+    n, D = h.shape
     return ((z @ z.T).pow(2).sum() / n**2 - 2 * z.pow(2).sum() / n + D).item() / D
 
 
 def wp_offdiag(w):
     """W_p's energy off the diagonal, rows divided by their diagonal entry (Fig. 3b); 0 if diagonal."""
-    wn = w.float() / w.float().diagonal().unsqueeze(1)
-    return (1 - wn.shape[0] / wn.pow(2).sum()).item()
+    scaled = w.float() / w.float().diagonal().unsqueeze(1)
+    return (1 - scaled.shape[0] / scaled.pow(2).sum()).item()
 
 
 def eff_rank(x):
@@ -389,36 +438,41 @@ def eff_rank(x):
     return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
 
 
-def collapsing(feat_std, rank):  # complete collapse, or one direction left (dimensional)
+def collapsing(feat_std, rank):
+    """Complete collapse, or one direction left (dimensional collapse)."""
     return feat_std < 1e-3 or rank < 2.0
 
 
 def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     """Cosine k-NN with exp(sim / t)-weighted votes, as in SSL papers (Wu et al. 2018)."""
-    bank, query = F.normalize(bank.float(), dim=1), F.normalize(query.float(), dim=1)
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
     sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
-    votes = query.new_zeros(len(query), num_classes).scatter_add_(
-        1, bank_y.to(idx.device)[idx], (sim / t).exp()
-    )
+    votes = query.new_zeros(len(query), num_classes)
+    votes.scatter_add_(1, bank_y.to(idx.device)[idx], (sim / t).exp())
     return votes.argmax(1)
 
 
-def fixed_batch(ds, n, size, small, device):
-    """n images spread over ds, without augmentation, and their labels: the diagnostics' batch."""
-    evaluate, items = (
-        eval_transform(size, small),
-        [ds[i] for i in range(0, len(ds), max(1, len(ds) // n))[:n]],
-    )
-    return torch.stack([evaluate(x) for x, _ in items]).to(device), torch.tensor([y for _, y in items])
+def fixed_batch(dataset, n, size, small, device):
+    """n images spread over the dataset, without augmentation, and their labels: the diagnostics' batch."""
+    evaluate = eval_transform(size, small)
+    indices = range(0, len(dataset), max(1, len(dataset) // n))[:n]
+    items = [dataset[i] for i in indices]
+    images = torch.stack([evaluate(x) for x, _ in items]).to(device)
+    labels = torch.tensor([y for _, y in items])
+    return images, labels
 
 
 @torch.no_grad()
 def diagnostics(model, probe, bank, num_classes, amp=None):
     """The mechanism, measured on fixed batches without augmentation, in eval mode, in float32."""
-    was_training, ((xq, yq), (xb, yb)) = model.training, (probe, bank)
+    was_training = model.training
+    probe_x, probe_y = probe
+    bank_x, bank_y = bank
     model.eval()
-    with torch.autocast(xq.device.type, dtype=amp, enabled=amp is not None):
-        h, hb = model.backbone(xq).float(), model.backbone(xb).float()
+    with torch.autocast(probe_x.device.type, dtype=amp, enabled=amp is not None):
+        h = model.backbone(probe_x).float()
+        h_bank = model.backbone(bank_x).float()
         z = model.projector(h).float()
     out = dict(
         corr_dist=corr_dist(h),
@@ -428,7 +482,8 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
     )
     if model.predictor is not None:  # decorr only
         out["wp_offdiag"] = wp_offdiag(model.predictor.weight)
-    out["knn_top1"] = 100.0 * (knn_predict(hb, yb, h, num_classes).cpu() == yq).float().mean().item()
+    predicted = knn_predict(h_bank, bank_y, h, num_classes).cpu()
+    out["knn_top1"] = 100.0 * (predicted == probe_y).float().mean().item()
     model.train(was_training)
     return out
 
@@ -436,17 +491,17 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
 def wp_picture(w, size=256):
     """Appendix C, Fig. 3: (a) |W_p|, (b) rows divided by their diagonal; side by side, uint8."""
     w = w.detach().float().cpu()
-    a, b = (
-        F.interpolate(F.adaptive_avg_pool2d(m[None, None], min(size, len(m))), size)[0, 0]
-        for m in (w.abs(), (w / w.diagonal()[:, None]).abs())
-    )
-    a = torch.cat([a / a.max().clamp_min(1e-12), torch.ones(size, 4), b / b.max().clamp_min(1e-12)], 1).clamp(
-        0, 1
-    )
-    return (torch.stack([a.sqrt(), a, a.pow(2)]) * 255).round().to(torch.uint8)  # dark to yellow
+    panels = []
+    for m in (w.abs(), (w / w.diagonal()[:, None]).abs()):
+        pooled = F.adaptive_avg_pool2d(m[None, None], min(size, len(m)))
+        panel = F.interpolate(pooled, size)[0, 0]
+        panels.append(panel / panel.max().clamp_min(1e-12))
+    picture = torch.cat([panels[0], torch.ones(size, 4), panels[1]], 1).clamp(0, 1)
+    rgb = torch.stack([picture.sqrt(), picture, picture.pow(2)])  # dark to yellow
+    return (rgb * 255).round().to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------- 7. files
+# ----------------------------------------------------------------------------- 6. files
 
 
 def atomic_write(path, write):
@@ -457,9 +512,9 @@ def atomic_write(path, write):
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)
+    os.close(folder)
 
 
 def append_jsonl(path, row):
@@ -467,6 +522,15 @@ def append_jsonl(path, row):
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_jsonl(path):
+    """The complete rows of a log; a last line cut by a crash is dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def load_checkpoint(path):
@@ -480,59 +544,25 @@ def load_checkpoint(path):
         ) from None
 
 
-# ----------------------------------------------------------------------------- 8. training
+# ----------------------------------------------------------------------------- 7. training
 
 # Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1), a
-# CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR. Then each
-# loss's coefficients (the official ones for the baselines) and the terms it logs.
+# CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
 PROFILES = dict(
-    folder=dict(
-        arch="resnet50",
-        img_size=224,
-        proj="2048-2048-2048",
-        epochs=100,
-        batch_size=2048,
-        wd=1e-6,
-        lars_eta=0.001,
-    ),
-    cifar=dict(
-        arch="resnet18",
-        img_size=32,
-        proj="2048-2048-2048",
-        epochs=800,
-        batch_size=256,
-        wd=1e-4,
-        lars_eta=0.02,
-    ),
-    synthetic=dict(
-        arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4, lars_eta=0.02
-    ),
+    folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6),
+    cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4),
+    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4),
 )
+LARS_ETA = dict(folder=0.001, cifar=0.02, synthetic=0.02)  # the trust coefficient of each profile
+# Each loss's coefficients (the official ones for the baselines) and the terms it logs.
 LOSSES = dict(
     decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
     barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
     vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")),
 )
-RUN_DEFINING = (
-    "data",
-    "arch",
-    "proj",
-    "img_size",
-    "batch_size",
-    "loss",
-    "partitions",
-    "seed",
-    "no_std",
-    "lr",
-    "wd",
-    "identity_predictor",
-    "predictor_init",
-    "stopgrad",
-    "inv_coef",
-    "cov_coef",
-    "std_coef",
-    "lars_eta",
-)
+# The flags that define what a run computes: a resumed run must keep them.
+RUN_DEFINING = """data arch proj img_size batch_size loss partitions seed no_std lr wd identity_predictor
+    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta""".split()
 
 
 class Parser(argparse.ArgumentParser):
@@ -540,8 +570,7 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p):
     a = p.add_argument
     a(
         "--data",
@@ -601,33 +630,52 @@ def parse_args(argv=None):
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
-    args, world = p.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1))
-    profile = PROFILES[
-        "synthetic"
-        if args.data == "synthetic"
-        else "cifar"
-        if args.data in ("cifar10", "cifar100")
-        else "folder"
-    ]
-    bf16 = (
-        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.cpu._is_avx512_bf16_supported()
-    )
-    workers = max(0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    for k, v in dict(
-        profile, partitions=world, amp="bf16" if bf16 else "none", workers=workers, **LOSSES[args.loss][0]
-    ).items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+
+
+def profile_name(data):
+    if data == "synthetic":
+        return "synthetic"
+    if data in ("cifar10", "cifar100"):
+        return "cifar"
+    return "folder"
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = torch.cpu._is_avx512_bf16_supported()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = max(0, min(10, (os.cpu_count() or 1) // local_world - 1))
+    profile = profile_name(args.data)
+    defaults = dict(PROFILES[profile], lars_eta=LARS_ETA[profile])
+    defaults.update(partitions=world, amp="bf16" if bf16 else "none", workers=workers)
+    defaults.update(LOSSES[args.loss][0])
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     parse_proj(args.proj)
-    for k in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
-        if getattr(args, k) <= 0:
-            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for parts, what in (
-        (world, f"over {world} processes"),
-        (args.partitions, f"into --partitions {args.partitions} equal parts"),
-    ):
-        if args.batch_size % parts:
-            raise UsageError(f"--batch-size {args.batch_size} does not split {what}")
+    for name in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    if args.batch_size % args.partitions:
+        raise UsageError(
+            f"--batch-size {args.batch_size} does not split into --partitions {args.partitions} equal parts"
+        )
     return args
+
+
+def move_aside(paths, stamp):
+    for path in paths:
+        if os.path.exists(path):
+            os.replace(path, f"{path}.{stamp}")
+            print(f"--fresh: {path} moved aside to {path}.{stamp}")
 
 
 def resume(args, ckpt_path, log_path, master):
@@ -636,201 +684,241 @@ def resume(args, ckpt_path, log_path, master):
         return None
     if args.fresh:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        for path in filter(os.path.exists, (ckpt_path, log_path) if master else ()):
-            os.replace(path, f"{path}.{stamp}")
-            print(f"--fresh: {path} moved aside to {path}.{stamp}")
+        if master:
+            move_aside((ckpt_path, log_path), stamp)
         return None
     ckpt = load_checkpoint(ckpt_path)
     old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    diff = [
-        f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}"
-        for k in RUN_DEFINING
-        if old.get(k) != getattr(args, k)
-    ]
+    diff = []
+    for name in RUN_DEFINING:
+        if old.get(name) != getattr(args, name):
+            diff.append(f"--{name.replace('_', '-')} {old.get(name)} -> {getattr(args, name)}")
     if diff:
         raise UsageError(
-            f"{ckpt_path} was made with other settings ({'; '.join(diff)}); use the same ones, another --out, or --fresh"
+            f"{ckpt_path} was made with other settings ({'; '.join(diff)}); "
+            f"use the same ones, another --out, or --fresh"
         )
     return ckpt
 
 
+def check_data(args, train, small, device):
+    """Steps per epoch, after the checks that need the data."""
+    steps_per_epoch = len(train) // args.batch_size
+    side = train.tensors[0].shape[-1] if small else args.img_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train)} training images are fewer than --batch-size {args.batch_size}")
+    if side != args.img_size:
+        raise UsageError(f"--img-size {args.img_size}: in-memory images train at their size, {side}")
+    if args.compile and device.type != "cuda":
+        raise UsageError("--compile is for CUDA: on CPUs torch miscompiles this model")
+    return steps_per_epoch
+
+
+def build_model(args, device, world):
+    """The model on the device, its BatchNorms synchronised across processes when there are several."""
+    torch.manual_seed(args.seed)  # the initial weights: the only random draw
+    model = Model(args)
+    if world > 1:
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
+    model.backbone.to(memory_format=torch.channels_last)
+    return model
+
+
+def trim_log(log_path, step):
+    """Keep the log's complete rows up to `step`: a line cut by a crash and the steps redone go."""
+    rows = [row for row in read_jsonl(log_path) if row.get("step", 0) <= step]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(log_path, lambda fh: fh.write(text.encode()))
+
+
+def catch_stop_signals():
+    """A list that SIGTERM and SIGUSR1 append to (preemption: SLURM sends SIGUSR1 first)."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda number, frame: received.append(number))
+    return received
+
+
+def read_device(loss, term_values, seen_bad, stop, device, world):
+    """(loss, terms, bad images, stop) as Python numbers, the same on every rank: the one sync."""
+    flags = torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device)
+    stats = torch.stack([loss.detach(), *(t.detach() for t in term_values), *flags])
+    if world > 1:
+        dist.all_reduce(stats)
+        stats[:-2] /= world
+    loss_value, *values, bad_images, stopping = stats.tolist()
+    return loss_value, values, bad_images, stopping
+
+
+def header_line(args, train, steps_per_epoch, world, device, has_predictor):
+    parts = ""
+    if has_predictor:
+        parts = f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
+    compiled = " compile" if args.compile else ""
+    return (
+        f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, "
+        f"{steps_per_epoch} steps/epoch, {args.epochs} epochs | batch {args.batch_size} on {world} x "
+        f"{device.type}{parts} | amp {args.amp}{compiled}"
+    )
+
+
+def progress_line(epoch, args, step, last, loss_value, terms, lr, img_per_s, eta):
+    term_text = " ".join(f"{name} {value:.4f}" for name, value in terms.items())
+    return (
+        f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_value:.4f} {term_text} | "
+        f"lr {lr:.4f} | {img_per_s:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}"
+    )
+
+
+def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epoch, step):
+    """The diagnostics pass: a row in the log, a line on stdout, and wp.png for decorr."""
+    started = time.time()
+    values = diagnostics(raw_model, probe, bank, num_classes, amp)
+    append_jsonl(log_path, dict(epoch=epoch, step=step, **values, diag_s=time.time() - started))
+    line = f"  diag step {step}: " + " ".join(f"{name} {value:.3f}" for name, value in values.items())
+    if collapsing(values["feat_std"], values["eff_rank_proj"]):
+        line += "  <- collapse?"
+    print(line)
+    if raw_model.predictor:
+        pixels = wp_picture(raw_model.predictor.weight).permute(1, 2, 0).numpy()
+        picture = Image.fromarray(pixels)
+        atomic_write(os.path.join(out, "wp.png"), lambda fh: picture.save(fh, format="PNG"))
+
+
+def save_checkpoint(path, args, step, raw_model, opt, scaler):
+    state = dict(
+        args=vars(args),
+        step=step,
+        model=raw_model.state_dict(),
+        optimizer=opt.state_dict(),
+        scaler=scaler.state_dict(),
+    )
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    master, out = rank == 0, args.out
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
+    out = args.out
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    log_path = os.path.join(out, "log.jsonl")
 
     # data and checkpoint before anything is written: bad input costs nothing
     train, val, num_classes, small = load_data(args.data, args.data_root)
-    spe, side = (
-        len(train) // args.batch_size,
-        train.tensors[0].shape[-1] if small else args.img_size,
-    )  # steps/epoch
-    for bad, why in (
-        (spe == 0, f"{len(train)} training images are fewer than --batch-size {args.batch_size}"),
-        (side != args.img_size, f"--img-size {args.img_size}: in-memory images train at their size, {side}"),
-        (
-            args.compile and device.type != "cuda",
-            "--compile is for CUDA: on CPUs torch miscompiles this model",
-        ),
-    ):
-        if bad:
-            raise UsageError(why)
+    steps_per_epoch = check_data(args, train, small, device)
     if master:  # the diagnostics' fixed batches
-        probe, bank = (
-            fixed_batch(val, 256, args.img_size, small, device),
-            fixed_batch(train, 384, args.img_size, small, device),
-        )
+        probe = fixed_batch(val, 256, args.img_size, small, device)
+        bank = fixed_batch(train, 384, args.img_size, small, device)
     ckpt = resume(args, ckpt_path, log_path, master)
+
+    # the model, the optimiser and the processes
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)  # the initial weights: the only random draw
-    raw = Model(args)
-    raw = (sync_batchnorm(raw, device) if world > 1 else raw).to(device)
-    raw.backbone.to(memory_format=torch.channels_last)
-    opt, scaler, step = (
-        make_optimizer(raw, args),
-        torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-        0,
-    )
+    raw_model = build_model(args, device, world)
+    opt = make_optimizer(raw_model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    step = 0
     if ckpt is not None:
-        for obj, key in ((raw, "model"), (opt, "optimizer"), (scaler, "scaler")):
-            obj.load_state_dict(ckpt[key])
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         say(f"resumed from {ckpt_path} at step {step}")
         del ckpt
-    model = torch.compile(raw) if args.compile else raw
+    model = raw_model
+    if args.compile:
+        model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if master:
         os.makedirs(out, exist_ok=True)
-        rows = (
-            [json.loads(r) for r in open(log_path).read().split("\n") if r.endswith("}")]
-            if os.path.exists(log_path)
-            else []
-        )
-        rows = [r for r in rows if r.get("step", 0) <= step]  # drop a line cut by a crash, and steps redone
-        atomic_write(log_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption (SLURM sends SIGUSR1 first)
-        signal.signal(sig, lambda s, f: stop.append(s))
+        trim_log(log_path, step)
+    stop = catch_stop_signals()
 
-    total, terms, amp = (
-        args.epochs * spe,
-        LOSSES[args.loss][1],
-        dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp),
-    )
-    warmup, last = min(args.warmup_epochs * spe, total // 10), min(total, args.steps or total)
-    k = (
-        f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
-        if raw.predictor
-        else ""
-    )
-    say(
-        f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, {spe} steps/epoch, {args.epochs} "
-        f"epochs | batch {args.batch_size} on {world} x {device.type}{k} | amp {args.amp}{' compile' if args.compile else ''}"
-    )
-    t0 = t_last = time.time()
-    step0 = s_last = saved = step
-    stopping, bad_images, seen_bad, reported = False, 0, 0, set()
+    # the schedule
+    total = args.epochs * steps_per_epoch
+    warmup = min(args.warmup_epochs * steps_per_epoch, total // 10)
+    last = min(total, args.steps or total)
+    base_lr = args.lr * args.batch_size / 256
+    terms = LOSSES[args.loss][1]
+    amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    say(header_line(args, train, steps_per_epoch, world, device, raw_model.predictor is not None))
+
+    started = time.time()
+    last_log_time = started
+    first_step = step
+    last_log_step = step
+    saved = step
+    stopping = False
+    bad_images = 0
+    seen_bad = 0
+    reported = set()
     for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):
         for path in sorted(set(bad) - reported):
-            print(
-                f"decorr.py: cannot read image {path}: replaced by the next readable one (log.jsonl: bad_images)",
-                flush=True,
-            )
+            message = f"decorr.py: cannot read image {path}: replaced by the next readable one"
+            print(message + " (log.jsonl: bad_images)", flush=True)
         reported.update(bad)
-        epoch, lr, seen_bad = (
-            step // spe,
-            learning_rate(step, total, warmup, args.lr * args.batch_size / 256),
-            seen_bad + len(bad),
-        )
+        seen_bad += len(bad)
+        epoch = step // steps_per_epoch
+        lr = learning_rate(step, total, warmup, base_lr)
         loss, *term_values = train_step(model, opt, scaler, x1, x2, lr, amp)
-        step += 1  # done
-        logs, diag = (
-            step % args.log_every == 0 or step == last,
-            step % (args.diag_every or spe) == 0 or step == last,
+        step += 1
+        log_now = step % args.log_every == 0 or step == last
+        diagnose_now = step % (args.diag_every or steps_per_epoch) == 0 or step == last
+        save_now = (
+            step == last
+            or step % steps_per_epoch == 0
+            or step % (args.save_every_steps or steps_per_epoch) == 0
         )
-        save = step == last or step % spe == 0 or step % (args.save_every_steps or spe) == 0
-        if logs or diag or save:  # the CPU reads the device here only: in between, a GPU never waits for it
-            stats = torch.stack(
-                [
-                    loss.detach(),
-                    *(t.detach() for t in term_values),
-                    *torch.tensor([seen_bad, bool(stop)], dtype=loss.dtype, device=device),
-                ]
+
+        # the CPU reads the device here only: in between, a GPU never waits for it
+        if log_now or diagnose_now or save_now:
+            loss_value, values, bad_images, stopping = read_device(
+                loss, term_values, seen_bad, stop, device, world
             )
-            if world > 1:
-                dist.all_reduce(stats)
-                stats[:-2] /= world
-            loss_v, *values, bad_images, stopping = stats.tolist()  # all ranks decide alike
-            if not math.isfinite(loss_v):
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"non-finite loss ({loss_v}) at step {step}; the last good "
+                    f"non-finite loss ({loss_value}) at step {step}; the last good "
                     f"checkpoint is {ckpt_path} (step {saved}), left untouched"
                 )
-        if master and (logs or stopping):
+        if master and (log_now or stopping):
             now = time.time()
-            ips, eta = (
-                (step - s_last) * args.batch_size / (now - t_last),
-                (last - step) * (now - t0) / (step - step0),
+            img_per_s = (step - last_log_step) * args.batch_size / (now - last_log_time)
+            eta = (last - step) * (now - started) / (step - first_step)
+            row = dict(epoch=epoch, step=step, loss=loss_value, **dict(zip(terms, values)))
+            row.update(lr=lr, img_per_s=img_per_s, bad_images=int(bad_images))
+            append_jsonl(log_path, row)
+            print(
+                progress_line(
+                    epoch, args, step, last, loss_value, dict(zip(terms, values)), lr, img_per_s, eta
+                )
             )
-            append_jsonl(
-                log_path,
-                dict(
-                    epoch=epoch,
-                    step=step,
-                    loss=loss_v,
-                    **dict(zip(terms, values)),
-                    lr=lr,
-                    img_per_s=ips,
-                    bad_images=int(bad_images),
-                ),
-            )
-            say(
-                f"epoch {epoch + 1}/{args.epochs} step {step}/{last} | loss {loss_v:.4f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in zip(terms, values))
-                + f" | lr {lr:.4f} | {ips:.0f} img/s | eta {datetime.timedelta(seconds=int(eta))}"
-            )
-            t_last, s_last = now, step
-        if master and diag:
-            t_diag = time.time()
-            d = diagnostics(raw, probe, bank, num_classes, amp)
-            append_jsonl(log_path, dict(epoch=epoch, step=step, **d, diag_s=time.time() - t_diag))
-            say(
-                f"  diag step {step}: "
-                + " ".join(f"{k} {v:.3f}" for k, v in d.items())
-                + ("  <- collapse?" if collapsing(d["feat_std"], d["eff_rank_proj"]) else "")
-            )
-            if raw.predictor:
-                pic = Image.fromarray(wp_picture(raw.predictor.weight).permute(1, 2, 0).numpy())
-                atomic_write(os.path.join(out, "wp.png"), lambda fh: pic.save(fh, format="PNG"))
-        if master and (save or stopping):
-            state = dict(
-                args=vars(args),
-                step=step,
-                model=raw.state_dict(),
-                optimizer=opt.state_dict(),
-                scaler=scaler.state_dict(),
-            )
-            atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
+            last_log_time = now
+            last_log_step = step
+        if master and diagnose_now:
+            run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epoch, step)
+        if master and (save_now or stopping):
+            save_checkpoint(ckpt_path, args, step, raw_model, opt, scaler)
             saved = step
         if stopping:
             break
+
     if master and not stopping:
-        atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(raw.backbone.state_dict(), fh))
+        backbone = raw_model.backbone.state_dict()
+        atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(backbone, fh))
     say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/")
-    del model, raw, opt
+    del model, raw_model, opt  # torchrun + gloo: release the model before the barrier
     if world > 1:
         dist.barrier()
 
@@ -839,9 +927,9 @@ if __name__ == "__main__":
     try:
         main()
     except (UsageError, FloatingPointError) as e:
-        msg = str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]
+        message = str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"decorr.py: error: {msg}", file=sys.stderr)
+            print(f"decorr.py: error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -252,19 +252,34 @@ def test_baselines_float32_under_autocast():
 
 
 def test_lemma_3_2_gradients():
-    """L = 1/2 ||W F1 - StopGrad(F2)||^2 (columns are samples):
-    dL/dW = W F1 F1^T - F2 F1^T (eq. 21), dL/dF1 = W^T W F1 - W^T F2 (eq. 22), dL/dF2 = 0."""
+    """Lemma 3.2 (appendix eq. 20-22) in decorr_loss. With F the D x n matrix of a batch's features
+    divided by sqrt(n) (so that E_x[f f^T] = F F^T), L = 1/2 E_x ||W f1 - StopGrad(f2)||^2
+    = 1/2 ||W F1 - F2||_F^2. decorr_loss with stopgrad, cov_coef 0 and inv_coef D/2 is this loss in
+    both directions, L(1->2) + L(2->1), so its gradients must be the lemma's closed forms:
+      dL/dW = (W F1 F1^T - F2 F1^T) + (W F2 F2^T - F1 F2^T)     eq. 21, once per direction
+      dL/dF1 = W^T W F1 - W^T F2                               eq. 22 (F1 is a target only in L(2->1),
+                                                                where StopGrad removes it)
+    and without StopGrad eq. 22 no longer holds. Raw (not standardized) features, float64."""
     g = torch.Generator().manual_seed(3)
-    D, n = 12, 40
-    W = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
-    F1 = torch.randn(D, n, generator=g, dtype=torch.float64, requires_grad=True)
-    F2 = torch.randn(D, n, generator=g, dtype=torch.float64, requires_grad=True)
-    L = 0.5 * (W @ F1 - F2.detach()).pow(2).sum()
-    gW, gF1, gF2 = torch.autograd.grad(L, (W, F1, F2), allow_unused=True)
-    with torch.no_grad():
-        assert_rel(gW, W @ F1 @ F1.T - F2 @ F1.T, 1e-12, "eq. 21")
-        assert_rel(gF1, W.T @ W @ F1 - W.T @ F2, 1e-12, "eq. 22")
-    assert gF2 is None
+    n, D = 40, 12
+    f1, f2 = raw_features(n, D, g), raw_features(n, D, g)
+    w = torch.randn(D, D, generator=g, dtype=torch.float64)
+    F1, F2 = f1.T / math.sqrt(n), f2.T / math.sqrt(n)
+    for stopgrad in (True, False):
+        a, b, ww = (t.clone().requires_grad_() for t in (f1, f2, w))
+        loss, _, _ = decorr.decorr_loss(a, b, ww, inv_coef=D / 2, cov_coef=0.0, stopgrad=stopgrad)
+        gw, g1, g2 = torch.autograd.grad(loss, (ww, a, b))
+        gF1, gF2 = math.sqrt(n) * g1.T, math.sqrt(n) * g2.T  # dL/dF = sqrt(n) (dL/df)^T
+        eq22_1, eq22_2 = w.T @ w @ F1 - w.T @ F2, w.T @ w @ F2 - w.T @ F1
+        eq20 = 0.5 * (w @ F1 - F2).pow(2).sum() + 0.5 * (w @ F2 - F1).pow(2).sum()
+        assert_rel(loss, eq20, 1e-12, "eq. 20, both directions")
+        assert_rel(gw, (w @ F1 @ F1.T - F2 @ F1.T) + (w @ F2 @ F2.T - F1 @ F2.T), 1e-12, "eq. 21")
+        if stopgrad:
+            assert_rel(gF1, eq22_1, 1e-12, "eq. 22, dL/dF1")
+            assert_rel(gF2, eq22_2, 1e-12, "eq. 22, dL/dF2")
+        else:  # the targets' own gradient is added: eq. 22 fails, by the other direction's residual
+            assert rel_err(gF1, eq22_1) > 0.1
+            assert_rel(gF1, eq22_1 - (w @ F2 - F1), 1e-12, "dL/dF1 without StopGrad")
 
 
 def test_lemma_3_2_in_decorr_loss_stopgrad():
@@ -657,14 +672,18 @@ def test_corr_dist_matches_direct_computation():
 
 
 def test_wp_offdiag():
+    """Fig. 3b's measure: the share of W's energy off the diagonal once each row is divided by its
+    diagonal entry. Worked by hand: [[2, 1], [0.5, 1]] -> rows [[1, 0.5], [0.5, 1]]: energy 2.5 of
+    which 0.5 off the diagonal, 0.2; [[-2, 2, 0], [0, 1, 0], [1, 0, 0.5]] -> [[1, -1, 0], [0, 1, 0],
+    [2, 0, 1]]: 5 of 8, 0.625 (a negative diagonal entry divides its row too); a diagonal W: 0."""
     g = torch.Generator().manual_seed(13)
+    assert decorr.wp_offdiag(torch.tensor([[2.0, 1.0], [0.5, 1.0]])) == pytest.approx(0.2, rel=1e-6)
+    w3 = torch.tensor([[-2.0, 2.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.5]])
+    assert decorr.wp_offdiag(w3) == pytest.approx(0.625, rel=1e-6)
+    # its transpose: rows [[1, 0, -0.5], [2, 1, 0], [0, 0, 1]], 4.25 of 7.25 (rows, not columns, divided)
+    assert decorr.wp_offdiag(w3.T) == pytest.approx(4.25 / 7.25, rel=1e-6)
     D = 16
     assert decorr.wp_offdiag(torch.diag(torch.rand(D, generator=g) + 0.5)) == pytest.approx(0.0, abs=1e-6)
-    dense = torch.randn(D, D, generator=g) / math.sqrt(D) + torch.eye(D)
-    wn = dense.double() / dense.double().diagonal().unsqueeze(1)
-    expected = (1 - D / wn.pow(2).sum()).item()  # share of energy off the diagonal
-    assert expected > 0.1
-    assert decorr.wp_offdiag(dense) == pytest.approx(expected, rel=1e-4)
 
 
 def test_eff_rank_of_rank_r_features():
@@ -827,3 +846,62 @@ def test_train_step_is_forward_backward_update():
         [o.state[p]["mu"] for p in n.parameters() if p.requires_grad] for o, n in zip(opts, nets, strict=True)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*mus, strict=True))
+
+
+class _ScaledNet(nn.Module):
+    """A weight and a bias (both of LARS's groups), returning (loss, term) as Model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x1, x2):
+        loss = (self.lin(x1) - x2).pow(2).mean()
+        return loss, loss
+
+
+def test_fp16_grad_scaler_checkpoint_round_trip(tmp_path):
+    """--amp fp16: train_step runs the loss through the GradScaler (torch allows one on the CPU, and
+    fp16 autocast of a Linear): an overflowing step changes no weight and halves the scale, clean
+    steps double it every growth_interval. The scaler's state goes through save_checkpoint and
+    load_checkpoint (weights_only) with the model and LARS, and a scaler restored from the file (made
+    with other settings, as a resumed run makes it) continues exactly as the original: the same
+    scales and weights over further clean and overflowing steps. (The whole fp16 run needs CUDA.)"""
+    torch.manual_seed(0)
+    nets = [_ScaledNet(), _ScaledNet()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    args = types.SimpleNamespace(wd=1e-4, lars_eta=0.02)
+    opt = decorr.make_optimizer(nets[0], args)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10, growth_interval=2)
+    g = torch.Generator().manual_seed(30)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+
+    def step(net, optimizer, s, inputs):
+        before = [p.clone() for p in net.parameters()]
+        loss, _ = decorr.train_step(net, optimizer, s, inputs, y, 0.5, torch.float16)
+        assert loss.dtype == torch.float32
+        moved = any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+        return s.get_scale(), s.state_dict()["_growth_tracker"], moved
+
+    seen = [step(nets[0], opt, scaler, inputs) for inputs in (x, x, bad, x)]
+    assert seen == [(2.0**10, 1, True), (2.0**11, 0, True), (2.0**10, 0, False), (2.0**10, 1, True)]
+
+    path = tmp_path / "checkpoint.pt"
+    decorr.save_checkpoint(str(path), args, 4, nets[0], opt, scaler)
+    ckpt = decorr.load_checkpoint(str(path))
+    assert ckpt["scaler"] == scaler.state_dict() and ckpt["scaler"]["scale"] == 2.0**10
+    restored = torch.amp.GradScaler("cpu", enabled=True)  # default scale 2^16, growth interval 2000
+    restored.load_state_dict(ckpt["scaler"])
+    nets[1].load_state_dict(ckpt["model"])
+    opt1 = decorr.make_optimizer(nets[1], args)
+    opt1.load_state_dict(ckpt["optimizer"])
+    after = []
+    for inputs in (x, bad, x, x):
+        after.append(step(nets[1], opt1, restored, inputs))
+        assert step(nets[0], opt, scaler, inputs) == after[-1]
+        for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            assert torch.equal(a, b)
+    # the restored growth tracker (1) and interval (2): the first clean step grows the scale
+    assert after == [(2.0**11, 0, True), (2.0**10, 0, False), (2.0**10, 1, True), (2.0**11, 0, True)]

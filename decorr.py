@@ -8,12 +8,11 @@ Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (-
 
 Top to bottom: 1. the method: standardize, decorr_loss, the baselines  2. BatchNorm synchronised
 on CPUs  3. the model  4. LARS and the schedule  5. diagnostics  6. files  7. training.
-The data and the augmentation are in data.py.
+The data and the augmentation are in data.py, the command line and its checks in config.py.
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
 
-import argparse
 import datetime
 import functools
 import json
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
 from data import UsageError, batches, eval_transform, load_data, rank_world
 
 # ----------------------------------------------------------------------------- 1. the method
@@ -276,8 +276,6 @@ def sync_batchnorm(module, device):
 
 # ----------------------------------------------------------------------------- 3. the model
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-
 
 def build_backbone(arch, small_stem):
     """torchvision ResNet without fc, zero_init_residual=True (sec. 5.1); for images of 64 px or
@@ -290,14 +288,6 @@ def build_backbone(arch, small_stem):
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
-
-
-def parse_proj(spec):
-    """'8192-8192-8192' -> [8192, 8192, 8192]: the projector's widths, the last is D."""
-    dims = [int(d) if d.isdigit() else 0 for d in spec.split("-")]
-    if min(dims) <= 0:
-        raise UsageError(f"--proj {spec!r} is not a list of positive widths like 8192-8192-8192")
-    return dims
 
 
 def build_projector(in_dim, dims):
@@ -533,166 +523,68 @@ def read_jsonl(path):
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, advice="use --fresh to start over"):
+    """torch.load of a file we wrote; an empty, truncated or foreign file is a UsageError naming it."""
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"checkpoint {path} is empty (a crash while it was copied?); {advice}")
     try:
         with warnings.catch_warnings(action="ignore"):  # garbage can look like a pickle header
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if not reason or len(reason) > 100:
+            reason = type(e).__name__
         raise UsageError(
-            f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]} "
-            f"(truncated or not a decorr checkpoint? use --fresh to start over)"
+            f"cannot load checkpoint {path}: not a complete PyTorch file ({reason}); {advice}"
         ) from None
+
+
+def load_run_checkpoint(path):
+    """A checkpoint of decorr.py: a dict with the run's args, step, model, optimizer and scaler."""
+    ckpt = load_checkpoint(path)
+    keys = ("args", "step", "model", "optimizer", "scaler")
+    if not isinstance(ckpt, dict) or not all(key in ckpt for key in keys):
+        raise UsageError(
+            f"{path} is not a checkpoint of decorr.py; use another --out, or --fresh to start over"
+        )
+    return ckpt
+
+
+def all_finite(model):
+    """One tensor, True when every parameter and buffer of the model is finite."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 # ----------------------------------------------------------------------------- 7. training
 
-# Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1), a
-# CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
-PROFILES = dict(
-    folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6),
-    cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4),
-    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4),
-)
-LARS_ETA = dict(folder=0.001, cifar=0.02, synthetic=0.02)  # the trust coefficient of each profile
-# Each loss's coefficients (the official ones for the baselines) and the terms it logs.
-LOSSES = dict(
-    decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
-    barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
-    vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")),
-)
-# The flags that define what a run computes: a resumed run must keep them.
-RUN_DEFINING = """data arch proj img_size batch_size loss partitions seed no_std lr wd identity_predictor
-    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta""".split()
+OUTPUTS = ("checkpoint.pt", "log.jsonl", "backbone.pt", "wp.png", "curves.png", "eval.jsonl", "wandb_id.txt")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def add_arguments(p):
-    a = p.add_argument
-    a(
-        "--data",
-        default="synthetic",
-        help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)",
-    )
-    a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
-    a("--arch", choices=ARCHS, default=None, help="default: resnet50 for folders, else resnet18")
-    a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
-    a(
-        "--proj",
-        default=None,
-        help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)",
-    )
-    a("--epochs", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="global batch, over all processes")
-    a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
-    a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
-    a(
-        "--lars-eta",
-        type=float,
-        default=None,
-        help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)",
-    )
-    a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
-    a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
-    a(
-        "--partitions",
-        type=int,
-        default=None,
-        help="k, parts of the global batch (default: the number of processes)",
-    )
-    a("--inv-coef", type=float, default=None, help="C_inv (default 1); vicreg: sim coef (25)")
-    a(
-        "--cov-coef",
-        type=float,
-        default=None,
-        help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)",
-    )
-    a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
-    a("--no-std", action="store_true", help="Table 3: no standardization")
-    a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
-    a("--stopgrad", action="store_true", help="Table 3: StopGrad on the invariance targets")
-    a("--predictor-init", choices=("identity", "random"), default="identity", help="W at step 0")
-    a("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 where supported")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--workers", type=int, default=None, help="image-folder loader processes per device")
-    a("--seed", type=int, default=0)
-    a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
-    a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
-    a(
-        "--log-every",
-        type=int,
-        default=10,
-        help="log, and check for a signal or a non-finite loss, every N steps",
-    )
-    a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
-    a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
-    a("--fresh", action="store_true", help="start over; the old checkpoint and log are moved aside")
-
-
-def profile_name(data):
-    if data == "synthetic":
-        return "synthetic"
-    if data in ("cifar10", "cifar100"):
-        return "cifar"
-    return "folder"
-
-
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-    else:
-        bf16 = torch.cpu._is_avx512_bf16_supported()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    workers = max(0, min(10, (os.cpu_count() or 1) // local_world - 1))
-    profile = profile_name(args.data)
-    defaults = dict(PROFILES[profile], lars_eta=LARS_ETA[profile])
-    defaults.update(partitions=world, amp="bf16" if bf16 else "none", workers=workers)
-    defaults.update(LOSSES[args.loss][0])
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    parse_proj(args.proj)
-    for name in ("epochs", "batch_size", "partitions", "img_size", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    if args.batch_size % args.partitions:
-        raise UsageError(
-            f"--batch-size {args.batch_size} does not split into --partitions {args.partitions} equal parts"
-        )
-    return args
-
-
-def move_aside(paths, stamp):
-    for path in paths:
+def move_aside(out):
+    """--fresh: every output of the old run renamed with one timestamp: nothing in out/ is the old run's."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
         if os.path.exists(path):
             os.replace(path, f"{path}.{stamp}")
             print(f"--fresh: {path} moved aside to {path}.{stamp}")
 
 
-def resume(args, ckpt_path, log_path, master):
+def resume(args, ckpt_path, master):
     """The checkpoint to continue, checked to be this run's; None to start (--fresh: the old moved aside)."""
+    if args.fresh:
+        if master:
+            move_aside(args.out)
+        return None
     if not os.path.exists(ckpt_path):
         return None
-    if args.fresh:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        if master:
-            move_aside((ckpt_path, log_path), stamp)
-        return None
-    ckpt = load_checkpoint(ckpt_path)
-    old = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    ckpt = load_run_checkpoint(ckpt_path)
+    old = ckpt["args"]
     diff = []
     for name in RUN_DEFINING:
         if old.get(name) != getattr(args, name):
-            diff.append(f"--{name.replace('_', '-')} {old.get(name)} -> {getattr(args, name)}")
+            diff.append(f"{flag(name)} {old.get(name)} -> {getattr(args, name)}")
     if diff:
         raise UsageError(
             f"{ckpt_path} was made with other settings ({'; '.join(diff)}); "
@@ -756,8 +648,9 @@ def header_line(args, train, steps_per_epoch, world, device, has_predictor):
     if has_predictor:
         parts = f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
     compiled = " compile" if args.compile else ""
+    stem = "CIFAR" if args.img_size <= 64 else "ImageNet"
     return (
-        f"{args.loss} | {args.arch} {args.proj} | {args.data}: {len(train)} images, "
+        f"{args.loss} | {args.arch} ({stem} stem) {args.proj} | {args.data}: {len(train)} images, "
         f"{steps_per_epoch} steps/epoch, {args.epochs} epochs | batch {args.batch_size} on {world} x "
         f"{device.type}{parts} | amp {args.amp}{compiled}"
     )
@@ -797,6 +690,25 @@ def save_checkpoint(path, args, step, raw_model, opt, scaler):
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
+def restore(ckpt, ckpt_path, raw_model, opt, scaler):
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0][:100]
+        raise UsageError(
+            f"{ckpt_path} does not fit this model ({reason}); use another --out, or --fresh"
+        ) from None
+
+
+def last_good(ckpt_path, saved):
+    """Where the run can be taken up again: the last checkpoint written, whose weights were finite."""
+    if saved is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint is {ckpt_path} (step {saved}), left untouched"
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -817,7 +729,13 @@ def main(argv=None):
     if master:  # the diagnostics' fixed batches
         probe = fixed_batch(val, 256, args.img_size, small, device)
         bank = fixed_batch(train, 384, args.img_size, small, device)
-    ckpt = resume(args, ckpt_path, log_path, master)
+    total = args.epochs * steps_per_epoch
+    warmup = min(args.warmup_epochs * steps_per_epoch, total // 10)  # at most a tenth of the run
+    last = min(total, args.steps or total)
+    ckpt = resume(args, ckpt_path, master)
+    if ckpt is not None and ckpt["step"] >= last:
+        say(f"{ckpt_path} is at step {ckpt['step']}, the last step asked for is {last}: nothing to do")
+        return
 
     # the model, the optimiser and the processes
     if world > 1:
@@ -829,9 +747,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore(ckpt, ckpt_path, raw_model, opt, scaler)
         step = ckpt["step"]
         say(f"resumed from {ckpt_path} at step {step}")
         del ckpt
@@ -845,11 +761,9 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         trim_log(log_path, step)
     stop = catch_stop_signals()
+    ckpt_exists = os.path.exists(ckpt_path)
 
     # the schedule
-    total = args.epochs * steps_per_epoch
-    warmup = min(args.warmup_epochs * steps_per_epoch, total // 10)
-    last = min(total, args.steps or total)
     base_lr = args.lr * args.batch_size / 256
     terms = LOSSES[args.loss][1]
     amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
@@ -859,7 +773,7 @@ def main(argv=None):
     last_log_time = started
     first_step = step
     last_log_step = step
-    saved = step
+    saved = step if ckpt_exists else None
     stopping = False
     bad_images = 0
     seen_bad = 0
@@ -889,9 +803,10 @@ def main(argv=None):
             )
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"non-finite loss ({loss_value}) at step {step}; the last good "
-                    f"checkpoint is {ckpt_path} (step {saved}), left untouched"
+                    f"non-finite loss ({loss_value}) at step {step}; {last_good(ckpt_path, saved)}"
                 )
+        if (diagnose_now or save_now or stopping) and not all_finite(raw_model):
+            raise FloatingPointError(f"non-finite weights after step {step}; {last_good(ckpt_path, saved)}")
         if master and (log_now or stopping):
             now = time.time()
             img_per_s = (step - last_log_step) * args.batch_size / (now - last_log_time)

@@ -1,0 +1,209 @@
+"""
+config.py -- the command line of decorr.py: its flags, the defaults that depend on the data and the
+loss, and the checks that refuse a run before anything is written (one line on stderr, exit 2).
+
+    args = config.parse_args(["--data", "cifar10", "--proj", "2048-2048-2048"])
+"""
+
+import argparse
+import math
+import os
+
+import torch
+
+from data import UsageError
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def parse_proj(spec):
+    """'8192-8192-8192' -> [8192, 8192, 8192]: the projector's widths, the last is D."""
+    dims = [int(d) if d.isdigit() else 0 for d in spec.split("-")]
+    if min(dims) <= 0:
+        raise UsageError(f"--proj {spec!r} is not a list of positive widths like 8192-8192-8192")
+    return dims
+
+
+DESCRIPTION = """decorr.py -- self-supervised pre-training with the decorrelation loss of Liu, Suganuma,
+Okatani, "Bridging the Gap from Asymmetry Tricks to Decorrelation Principles in Non-contrastive
+Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (--loss)."""
+
+# Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1), a
+# CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
+PROFILES = dict(
+    folder=dict(arch="resnet50", img_size=224, proj="2048-2048-2048", epochs=100, batch_size=2048, wd=1e-6),
+    cifar=dict(arch="resnet18", img_size=32, proj="2048-2048-2048", epochs=800, batch_size=256, wd=1e-4),
+    synthetic=dict(arch="resnet18", img_size=32, proj="4096-256", epochs=4, batch_size=256, wd=1e-4),
+)
+LARS_ETA = dict(folder=0.001, cifar=0.02, synthetic=0.02)  # the trust coefficient of each profile
+# Each loss's coefficients (the official ones for the baselines) and the terms it logs.
+LOSSES = dict(
+    decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
+    barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
+    vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")),
+)
+# The flags that define what a run computes: a resumed run must keep them.
+RUN_DEFINING = """data arch proj img_size batch_size loss partitions seed no_std lr wd identity_predictor
+    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta epochs warmup_epochs amp""".split()
+# The flags that apply to some losses only: given with another --loss, they would do nothing.
+APPLIES_TO = dict(
+    partitions=("decorr",),
+    no_std=("decorr",),
+    identity_predictor=("decorr",),
+    stopgrad=("decorr",),
+    predictor_init=("decorr",),
+    inv_coef=("decorr", "vicreg"),
+    std_coef=("vicreg",),
+)
+# The numeric flags and the values they take.
+POSITIVE = ("epochs", "batch_size", "img_size", "log_every", "lr", "lars_eta")
+NOT_NEGATIVE = (
+    """steps warmup_epochs save_every_steps diag_every workers wd inv_coef cov_coef std_coef""".split()
+)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def add_arguments(p):
+    a = p.add_argument
+    a(
+        "--data",
+        default="synthetic",
+        help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)",
+    )
+    a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
+    a("--arch", choices=ARCHS, default=None, help="default: resnet50 for folders, else resnet18")
+    a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
+    a(
+        "--proj",
+        default=None,
+        help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)",
+    )
+    a("--epochs", type=int, default=None)
+    a("--batch-size", type=int, default=None, help="global batch, over all processes")
+    a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
+    a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
+    a(
+        "--lars-eta",
+        type=float,
+        default=None,
+        help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)",
+    )
+    a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
+    a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
+    a(
+        "--partitions",
+        type=int,
+        default=None,
+        help="k, parts of the global batch (default: batch/256 if 256 divides it, else 1)",
+    )
+    a("--inv-coef", type=float, default=None, help="C_inv (default 1); vicreg: sim coef (25)")
+    a(
+        "--cov-coef",
+        type=float,
+        default=None,
+        help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)",
+    )
+    a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
+    a("--no-std", action="store_true", help="Table 3: no standardization")
+    a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
+    a("--stopgrad", action="store_true", help="Table 3: StopGrad on the invariance targets")
+    a(
+        "--predictor-init",
+        choices=("identity", "random"),
+        default=None,
+        help="W at step 0 (default: identity)",
+    )
+    a("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 where supported")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, default=None, help="image-folder loader processes per device")
+    a("--seed", type=int, default=0)
+    a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
+    a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
+    a(
+        "--log-every",
+        type=int,
+        default=10,
+        help="log, and check for a signal or a non-finite loss, every N steps",
+    )
+    a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
+    a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
+    a("--fresh", action="store_true", help="start over; every output of the old run is moved aside")
+
+
+def profile_name(data):
+    if data == "synthetic":
+        return "synthetic"
+    if data in ("cifar10", "cifar100"):
+        return "cifar"
+    return "folder"
+
+
+def parse_args(argv=None):
+    p = Parser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    refuse_unused_flags(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = torch.cpu._is_avx512_bf16_supported()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = max(0, min(10, (os.cpu_count() or 1) // local_world - 1))
+    profile = profile_name(args.data)
+    defaults = dict(PROFILES[profile], lars_eta=LARS_ETA[profile])
+    defaults.update(amp="bf16" if bf16 else "none", workers=workers, predictor_init="identity")
+    defaults.update(LOSSES[args.loss][0])
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.partitions is None:  # the paper's per-GPU batch of 256 rows per part, whatever the processes
+        args.partitions = args.batch_size // 256 if args.batch_size % 256 == 0 else 1
+    parse_proj(args.proj)
+    check_numbers(args)
+    if args.amp == "fp16" and not torch.cuda.is_available():
+        raise UsageError(
+            "--amp fp16 needs CUDA (on a CPU it runs hundreds of times slower); use --amp bf16 or none"
+        )
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    if args.batch_size % args.partitions:
+        raise UsageError(
+            f"--batch-size {args.batch_size} does not split into --partitions {args.partitions} equal parts"
+        )
+    return args
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def refuse_unused_flags(args):
+    """A flag given for a --loss it does nothing for is an error: an ablation that does nothing is wrong."""
+    for name, losses in APPLIES_TO.items():
+        if getattr(args, name) not in (None, False) and args.loss not in losses:
+            raise UsageError(
+                f"{flag(name)} does nothing with --loss {args.loss} (it is for {', '.join(losses)})"
+            )
+    if args.identity_predictor and args.predictor_init is not None:
+        raise UsageError("--predictor-init does nothing with --identity-predictor (W is I throughout)")
+
+
+def check_numbers(args):
+    """Every numeric flag finite and in its range, and the scaled lr within float32."""
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag(name)} must be a positive number, got {value}")
+    for name in NOT_NEGATIVE:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag(name)} must be a number >= 0, got {value}")
+    if args.partitions <= 0:
+        raise UsageError(f"--partitions must be positive, got {args.partitions}")
+    if args.lr * args.batch_size / 256 > 1e30:
+        raise UsageError(f"--lr {args.lr}: scaled by batch/256 it leaves the range of float32")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
+import config
 import data
 import decorr
 from decorr import UsageError
@@ -797,7 +798,7 @@ def positives(s):  # "1,8,32" -> [1, 8, 32]
 
 def projectors(s):
     for p in s.split(","):
-        decorr.parse_proj(p)
+        config.parse_proj(p)
     return s.split(",")
 
 
@@ -808,7 +809,7 @@ def splits(n, ks, name):
 
 
 def parse_args(argv):
-    p = decorr.Parser(
+    p = config.Parser(
         prog="bench.py",
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -838,7 +839,7 @@ def parse_args(argv):
     add("loss", "--parts", type=positives, default=[1, 8, 32], help="partition counts (default 1,8,32)")
     add("loss", "--rows", type=positive, default=1024, help="rows (default 1024)")
     add("train", "--projs", type=projectors, default=["4096-256", "2048-2048-2048", "8192-8192-8192"])
-    add("train", "--arch", choices=decorr.ARCHS, help="default: CPU resnet18, GPU resnet50")
+    add("train", "--arch", choices=config.ARCHS, help="default: CPU resnet18, GPU resnet50")
     add("train", "--img-size", type=positive, help="default: CPU 32, GPU 224")
     add("train", "--batch", type=positive, help="images per step (default: CPU 64, GPU 256)")
     add("train", "--parts", type=positive, default=1, help="k, partitions of the batch (default 1)")

@@ -9,14 +9,19 @@ lineval.py -- how good is a decorr backbone? A linear classifier on its frozen f
 CKPT is a decorr output folder, its checkpoint.pt or backbone.pt, or a torchvision ResNet
 state_dict. A decorr run records its arguments: arch, stem, data and image size come from there
 unless given. Modes:
-  linear  the paper's protocol (NOTES.md): frozen backbone in eval mode, linear layer trained with
-          SGD (momentum 0.9, batch 256, weight decay 1e-6, cosine lr from 0.3, 100 epochs) on
+  linear  the linear evaluation of the paper (Liu, Suganuma and Okatani, NeurIPS 2022), which is
+          that of Barlow Twins: frozen backbone in eval mode, linear layer trained with SGD
+          (momentum 0.9, batch 256, weight decay 1e-6, cosine lr from 0.3, 100 epochs) on
           RandomResizedCrop + flip; val Resize + CenterCrop. DDP over the linear layer.
   fast    features extracted once (no augmentation), standardized, a linear layer trained on them
           with Adam. The default when the train features fit in memory (CIFAR, synthetic).
---knn K adds cosine k-NN top-1 (exp(sim / 0.07) votes) on the same cached features.
+--knn K adds cosine k-NN top-1 (exp(sim / 0.07) votes) on the same cached features; K is capped
+at the number of train images. An image of a folder that cannot be read is replaced by the next
+readable one and named on stdout; the JSON counts them (unreadable_images).
 The last line of stdout is one JSON object (top1, top5 in percent, ...); for a decorr folder it is
-also appended to CKPT/eval.jsonl.
+also appended to CKPT/eval.jsonl. There "full": true marks the run's results: the trained backbone
+evaluated on every image (no --limit, no --random-init); "mode", "limit" and "random_init" say
+what the other rows are.
 """
 
 import argparse
@@ -25,7 +30,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,10 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from data import MEAN, STD, UsageError, eval_transform, load_data
-from decorr import ARCHS, PROFILES, Parser, append_jsonl, build_backbone, knn_predict
+from config import ARCHS, PROFILES, Parser, profile_name
+from data import MEAN, STD, Folder, UsageError, eval_transform, load_data
+from decorr import append_jsonl, build_backbone, knn_predict, load_checkpoint
 
 FAST_MAX_BYTES = 4 << 30  # --mode fast by default (one process) when the train features fit
+CHECKPOINT_HINT = "give a decorr --out folder, its checkpoint.pt or backbone.pt, or a ResNet state_dict"
 
 
 def parse_args(argv=None):
@@ -83,100 +89,174 @@ def parse_args(argv=None):
         )
     if args.arch is not None and args.arch not in ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
-    for k, low in dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0).items():
-        if getattr(args, k) is not None and getattr(args, k) < low:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(args, k)}")
+    lowest = dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0)
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     return args
+
+
+def default_amp(cuda):
+    """bf16 where the device supports it, else none."""
+    if cuda:
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if supported else "none"
+
+
+def default_workers():
+    """As decorr.py: the CPUs of this process's share less one, at most 10."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(10, (os.cpu_count() or 1) // processes_here - 1))
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def find_checkpoint(path):
+    """(the file to read, the decorr output folder or None) for a file or a decorr output folder."""
+    if os.path.isdir(path):
+        for name in ("checkpoint.pt", "backbone.pt"):
+            file = os.path.join(path, name)
+            if os.path.exists(file):
+                return file, path
+        raise UsageError(f"{path} has neither checkpoint.pt nor backbone.pt: not a decorr output folder")
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path!r}: no such file or folder")
+    return path, None
+
+
+def load(file):
+    """What file holds, by decorr.load_checkpoint (tensors and plain Python values only)."""
+    return load_checkpoint(file, advice=CHECKPOINT_HINT)
+
+
+def run_settings(saved):
+    """The arguments a decorr run recorded in its checkpoint, else {}."""
+    if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
+        return saved["args"]
+    return {}
+
+
 def read_checkpoint(path):
     """Returns (backbone state_dict, the run's recorded args, its step, the file read, the decorr
     folder or None)."""
-    folder = path if os.path.isdir(path) else None
-    if folder:
-        names = [n for n in ("checkpoint.pt", "backbone.pt") if os.path.exists(os.path.join(path, n))]
-        if not names:
-            raise UsageError(f"{path} has neither checkpoint.pt nor backbone.pt: not a decorr output folder")
-        path = os.path.join(path, names[0])
-    elif not os.path.exists(path):
-        raise UsageError(f"checkpoint {path!r}: no such file or folder")
-    obj = torch_load(path)
-    run = obj.get("args", {}) if isinstance(obj, dict) else {}
-    step = obj.get("step") if isinstance(obj, dict) and run else None
-    sibling = os.path.join(os.path.dirname(path), "checkpoint.pt")
-    if not run and os.path.basename(path) == "backbone.pt" and os.path.exists(sibling):
-        meta = torch_load(sibling)  # a decorr backbone.pt: the run's settings
-        run = meta.get("args", {}) if isinstance(meta, dict) else {}
+    file, folder = find_checkpoint(path)
+    saved = load(file)
+    run = run_settings(saved)
+    step = saved.get("step") if run else None
+    sibling = os.path.join(os.path.dirname(file), "checkpoint.pt")
+    if not run and os.path.basename(file) == "backbone.pt" and os.path.exists(sibling):
+        run = run_settings(load(sibling))  # a decorr backbone.pt: the run's settings
+    return backbone_weights(saved, file), run, step, file, folder
+
+
+def backbone_weights(saved, file):
+    """The ResNet weights in what a checkpoint file holds (a decorr checkpoint, a state_dict plain or
+    wrapped), without DDP's and torch.compile's prefixes, decorr's projector and predictor, or fc."""
+    weights = saved
     for key in ("model", "state_dict"):  # decorr checkpoint, common wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UsageError(f"{path} is not a state_dict or a decorr checkpoint")
-    sd = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        sd[k] = v
-    if any(k.startswith("backbone.") for k in sd):  # decorr model: keep the backbone
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    if "conv1.weight" not in sd:
-        raise UsageError(f"{path} holds no ResNet weights (no conv1.weight)")
-    return sd, run, step, path, folder
-
-
-def torch_load(path):
-    """torch.load(weights_only=True), memory-mapped where the file allows (only what is used is read)."""
-    with warnings.catch_warnings(action="ignore"):
-        for mmap in (True, False):  # mmap needs torch.save's zip format
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except Exception as e:
-                err = str(e)
-    why = err.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". ")[0][:120]
-    raise UsageError(f"{path} is not a checkpoint of plain tensors saved by torch.save ({why})")
-
-
-def guess_arch(sd):
-    return (
-        "resnet50"
-        if "layer1.0.conv3.weight" in sd
-        else "resnet34"
-        if "layer3.5.conv1.weight" in sd
-        else "resnet18"
-    )
-
-
-def load_weights(net, sd, arch, small, path):
-    ref = net.state_dict()
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    shape = [k for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    if missing or unexpected or shape:
+        if isinstance(weights, dict) and isinstance(weights.get(key), dict):
+            weights = weights[key]
+    if not is_state_dict(weights):
         raise UsageError(
-            f"{path} does not fit {arch}{' (CIFAR stem)' if small else ''}: {len(missing)} "
-            f"missing, {len(unexpected)} unexpected, {len(shape)} mis-shaped keys, e.g. "
-            f"{(shape + missing + unexpected)[0]!r} (wrong --arch?)"
+            f"{file} holds a {type(saved).__name__}, not a state_dict or a decorr checkpoint; "
+            f"{CHECKPOINT_HINT}"
         )
-    net.load_state_dict(sd)
+    state = {}
+    for key, value in weights.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    if any(key.startswith("backbone.") for key in state):  # a decorr model: keep the backbone
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    conv1 = state.get("conv1.weight")
+    if conv1 is None or conv1.dim() != 4:
+        raise UsageError(f"{file} holds no ResNet weights (no 4-d conv1.weight); {CHECKPOINT_HINT}")
+    return state
+
+
+def is_state_dict(obj):
+    if not isinstance(obj, dict):
+        return False
+    return all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items())
+
+
+def guess_arch(state):
+    """The torchvision ResNet whose keys state has."""
+    if "layer1.0.conv3.weight" in state:  # bottleneck blocks
+        return "resnet50"
+    if "layer3.5.conv1.weight" in state:  # six blocks in layer3
+        return "resnet34"
+    return "resnet18"
+
+
+def load_weights(net, state, arch, small, path):
+    reference = net.state_dict()
+    missing = [key for key in reference if key not in state]
+    unexpected = [key for key in state if key not in reference]
+    misshaped = [key for key in reference if key in state and state[key].shape != reference[key].shape]
+    if missing or unexpected or misshaped:
+        stem = " (CIFAR stem)" if small else ""
+        example = (misshaped + missing + unexpected)[0]
+        raise UsageError(
+            f"{path} does not fit {arch}{stem}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped keys, e.g. {example!r}; its keys look like {guess_arch(state)}: "
+            f"give the right --arch, or a checkpoint of a ResNet"
+        )
+    net.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- data
 
 
 class Mapped(torch.utils.data.Dataset):
+    """(transform(image), label, the unreadable paths replaced by it, joined by newlines) per item."""
+
     def __init__(self, base, transform):
-        self.base, self.transform = base, transform
+        self.base = base
+        self.transform = transform
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
-        x, y = self.base[i]
-        return self.transform(x), y
+        image, label, unreadable = read_item(self.base, i)
+        return self.transform(image), label, "\n".join(unreadable)
+
+
+def read_item(ds, i):
+    """(image, label, unreadable paths) of item i of a Folder, a TensorDataset or a Subset of one. A
+    Folder replaces an image that it cannot read by the next one that it can."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return read_item(ds.dataset, ds.indices[i])
+    if isinstance(ds, Folder):
+        return ds.read(i)
+    image, label = ds[i]
+    return image, label, []
+
+
+class Unreadable:
+    """The images replaced because they could not be read: each named on stdout when first met, as
+    decorr.py does."""
+
+    def __init__(self):
+        self.paths = set()
+
+    def add(self, batch):
+        """batch: the third field of a batch of Mapped items."""
+        for joined in batch:
+            for path in joined.split("\n"):
+                if path and path not in self.paths:
+                    self.paths.add(path)
+                    print(
+                        f"lineval.py: cannot read image {path}: replaced by the next readable one "
+                        "(JSON: unreadable_images)",
+                        flush=True,
+                    )
 
 
 def evenly(ds, n):
@@ -204,58 +284,53 @@ def transforms(size, small):
     return train, val
 
 
-def check_labels(train, val, data):
-    classes = [getattr(ds, "classes", None) for ds in (train, val)]
-    if classes[0] != classes[1]:
-        raise UsageError(
-            f"--data {data!r}: the val classes differ from the train classes "
-            f"({len(classes[1])} vs {len(classes[0])}): labels would not line up"
-        )
-
-
 # ----------------------------------------------------------------------------- the probes
 
 
 @torch.no_grad()
-def extract(net, ds, batch_size, workers, device, amp):
-    """Features (float32, CPU) and labels of every item of ds, in order."""
+def extract(net, ds, batch_size, workers, device, amp, unreadable):
+    """Features (float32, CPU) and labels of every item of ds (Mapped), in order."""
     loader = torch.utils.data.DataLoader(
         ds, batch_size, num_workers=workers, pin_memory=device.type == "cuda"
     )
-    feats, labels = [], []
-    for x, y in loader:
+    features = []
+    labels = []
+    for x, y, paths in loader:
+        unreadable.add(paths)
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(net(x).float().cpu())
+            features.append(net(x).float().cpu())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(features), torch.cat(labels)
 
 
 def fit_linear(x, y, num_classes, epochs=100, lr=1e-3, wd=1e-6, batch_size=256, seed=0):
     """Multinomial logistic regression on the standardized features x (n x d, train mean and std),
     Adam with a cosine lr, mini-batches. Returns an nn.Linear on the raw features (the
     standardization folded in). Dimensions constant on the train set are ignored."""
-    x, y = x.float(), y.to(x.device)
-    mean, std = x.mean(0), x.std(0)
+    x = x.float()
+    y = y.to(x.device)
+    mean = x.mean(0)
+    std = x.std(0)
     std = torch.where(std > 1e-6 * std.max().clamp_min(1e-30), std, torch.inf)
     z = (x - mean) / std
-    g = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     head = nn.Linear(x.shape[1], num_classes).to(x.device)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
         head.bias.zero_()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     steps_per_epoch = math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g).to(x.device)
+        order = torch.randperm(len(x), generator=generator).to(x.device)
         for i in range(0, len(x), batch_size):
-            idx = perm[i : i + batch_size]
+            idx = order[i : i + batch_size]
             loss = F.cross_entropy(head(z[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            schedule.step()
     with torch.no_grad():  # W (x - m) / s + b = (W / s) x + b - (W / s) m
         head.weight.div_(std)
         head.bias.sub_(head.weight @ mean)
@@ -280,7 +355,21 @@ def knn_top1(bank, bank_y, query, query_y, num_classes, k, chunk=1024):
 # ----------------------------------------------------------------------------- linear mode (paper)
 
 
-def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, world, say):
+def all_sum(values, device, world):
+    """The sums of values over the processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def frozen_features(net, x, device, amp):
+    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return net(x).float()
+
+
+def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, world, say, unreadable):
     """SGD on a linear layer over the frozen backbone (eval mode), DDP over the linear layer;
     val accuracy after every epoch, the last one reported."""
     torch.manual_seed(args.seed)
@@ -288,21 +377,18 @@ def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, worl
     head.weight.data.normal_(0, 0.01)
     head.bias.data.zero_()
     torch.manual_seed(args.seed + rank)  # augmentations differ across processes
-    model = (
-        nn.parallel.DistributedDataParallel(
-            head, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        if world > 1
-        else head
-    )
+    model = head
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(head, device_ids=device_ids)
     lr0 = 0.3 if args.lr is None else args.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=args.wd)
-    local_b = args.batch_size // world
+    local_batch = args.batch_size // world
     sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True, seed=args.seed)
     pin = device.type == "cuda"
     train_loader = torch.utils.data.DataLoader(
         train,
-        local_b,
+        local_batch,
         sampler=sampler,
         num_workers=args.workers,
         pin_memory=pin,
@@ -311,34 +397,26 @@ def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, worl
     )
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val, range(rank, len(val), world)),
-        local_b,
+        local_batch,
         num_workers=args.workers,
         pin_memory=pin,
     )
-    total, step = args.epochs * len(train_loader), 0
-
-    def features(x):
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return net(x).float()
-
-    def all_sum(*v):
-        t = torch.tensor(v, dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
+    total = args.epochs * len(train_loader)
+    step = 0
     for epoch in range(args.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
         model.train()
-        loss_sum = correct = seen = 0
-        for x, y in train_loader:
+        loss_sum = 0.0
+        correct = 0
+        seen = 0
+        for x, y, paths in train_loader:
+            unreadable.add(paths)
             lr = lr0 * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for group in opt.param_groups:
+                group["lr"] = lr
             y = y.to(device, non_blocking=True)
-            logits = model(features(x))
+            logits = model(frozen_features(net, x, device, amp))
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,18 +425,21 @@ def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, worl
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-        loss_sum, correct, seen = all_sum(loss_sum, correct, seen)
+        loss_sum, correct, seen = all_sum([loss_sum, correct, seen], device, world)
         model.eval()
         hits = [0, 0, 0]
         with torch.no_grad():
-            for x, y in val_loader:
-                c1, c5 = topk_correct(head(features(x)), y.to(device))
+            for x, y, paths in val_loader:
+                unreadable.add(paths)
+                c1, c5 = topk_correct(head(frozen_features(net, x, device, amp)), y.to(device))
                 hits = [hits[0] + c1, hits[1] + c5, hits[2] + len(y)]
-        c1, c5, n = all_sum(*hits)
-        top1, top5 = 100.0 * c1 / n, 100.0 * c5 / n
+        c1, c5, n = all_sum(hits, device, world)
+        top1 = 100.0 * c1 / n
+        top5 = 100.0 * c5 / n
         say(
-            f"epoch {epoch + 1}/{args.epochs} | loss {loss_sum / seen:.4f} | train top1 {100.0 * correct / seen:.2f} "
-            f"| val top1 {top1:.2f} top5 {top5:.2f} | lr {lr:.4f} | {seen / (time.time() - t0):.0f} img/s"
+            f"epoch {epoch + 1}/{args.epochs} | loss {loss_sum / seen:.4f} | "
+            f"train top1 {100.0 * correct / seen:.2f} | val top1 {top1:.2f} top5 {top5:.2f} | "
+            f"lr {lr:.4f} | {seen / (time.time() - t0):.0f} img/s"
         )
     return top1, top5
 
@@ -366,55 +447,67 @@ def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, worl
 # ----------------------------------------------------------------------------- main
 
 
+def fill_in_settings(args, run, state):
+    """Data, data root, arch and image size: the command line's, else the run's, else the data's
+    defaults in config.PROFILES (the arch: that of the weights). Returns whether the backbone has
+    the CIFAR stem (the weights', else that of decorr.py for the image size)."""
+    args.data = args.data or run.get("data") or "synthetic"
+    args.data_root = args.data_root or run.get("data_root") or "data"
+    profile = PROFILES[profile_name(args.data)]
+    args.img_size = args.img_size or run.get("img_size") or profile["img_size"]
+    if state is None:
+        args.arch = args.arch or run.get("arch") or profile["arch"]
+        return args.img_size <= 64
+    args.arch = args.arch or run.get("arch") or guess_arch(state)
+    return state["conv1.weight"].shape[-1] == 3
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
     if args.amp is None:
-        bf16 = (
-            torch.cuda.is_bf16_supported()
-            if cuda
-            else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        )
-        args.amp = "bf16" if bf16 else "none"
+        args.amp = default_amp(cuda)
     if args.workers is None:
-        args.workers = max(
-            0, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
-        )
-    say = print if rank == 0 else (lambda *a, **k: None)
+        args.workers = default_workers()
+    say = print if rank == 0 else quiet
 
     # what to evaluate: weights and the run's settings, then command-line overrides
-    sd, run, step, file, folder = read_checkpoint(args.ckpt) if args.ckpt else (None, {}, None, None, None)
-    args.data = args.data or run.get("data") or "synthetic"
-    args.data_root = args.data_root or run.get("data_root") or "data"
-    profile = PROFILES[
-        "synthetic"
-        if args.data == "synthetic"
-        else "cifar"
-        if args.data in ("cifar10", "cifar100")
-        else "folder"
-    ]
-    args.arch = args.arch or run.get("arch") or (guess_arch(sd) if sd is not None else profile["arch"])
-    args.img_size = args.img_size or run.get("img_size") or profile["img_size"]
-    small_stem = sd["conv1.weight"].shape[-1] == 3 if sd is not None else args.img_size <= 64
+    if args.ckpt:
+        state, run, step, file, folder = read_checkpoint(args.ckpt)
+    else:
+        state, run, step, file, folder = None, {}, None, None, None
+    small_stem = fill_in_settings(args, run, state)
 
     torch.manual_seed(args.seed)  # --random-init: decorr's step-0 backbone
     net, dim = build_backbone(args.arch, small_stem)
-    if not args.random_init:
-        load_weights(net, sd, args.arch, small_stem, file)
-    del sd
-    step = None if args.random_init else step
+    if args.random_init:
+        step = None
+    else:
+        load_weights(net, state, args.arch, small_stem, file)
+    del state
     train, val, num_classes, small = load_data(args.data, args.data_root)
-    check_labels(train, val, args.data)
-    train, val = evenly(train, args.limit), evenly(val, args.limit)
+    train = evenly(train, args.limit)
+    val = evenly(val, args.limit)
     if args.mode is None:
-        args.mode = "fast" if world == 1 and len(train) * dim * 4 <= FAST_MAX_BYTES else "linear"
+        fits = world == 1 and len(train) * dim * 4 <= FAST_MAX_BYTES
+        args.mode = "fast" if fits else "linear"
     if world > 1 and (args.mode == "fast" or args.knn):
         raise UsageError("--mode fast and --knn run in one process: use python, not torchrun")
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    knn = min(args.knn, len(train))
+    if knn < args.knn:
+        say(f"note: --knn {args.knn} is more than the {len(train)} train images: k = {knn}")
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
@@ -422,20 +515,26 @@ def main(argv=None):
     net = net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     amp = args.amp == "bf16"
     stem = " (CIFAR stem)" if small_stem else ""
+    if args.random_init:
+        source = f"random init (seed {args.seed})"
+    else:
+        source = f"from {file}"
+    at_step = "" if step is None else f" step {step}"
     say(
-        f"lineval | {args.arch}{stem} {'random init (seed ' + str(args.seed) + ')' if args.random_init else 'from ' + file}"
-        f"{'' if step is None else f' step {step}'} | {args.data}: {len(train)} train, {len(val)} val, "
-        f"{num_classes} classes, {args.img_size} px | mode {args.mode} | {world} x {device.type} | amp {args.amp}"
+        f"lineval | {args.arch}{stem} {source}{at_step} | {args.data}: {len(train)} train, {len(val)} val, "
+        f"{num_classes} classes, {args.img_size} px | mode {args.mode} | {world} x {device.type} | "
+        f"amp {args.amp}"
     )
 
-    train_tf, val_tf = transforms(args.img_size, small)
+    train_transform, val_transform = transforms(args.img_size, small)
+    unreadable = Unreadable()
     result = dict(mode=args.mode)
     if args.mode == "linear":
         result["top1"], result["top5"] = linear_eval(
             net,
             dim,
-            Mapped(train, train_tf),
-            Mapped(val, val_tf),
+            Mapped(train, train_transform),
+            Mapped(val, val_transform),
             num_classes,
             args,
             device,
@@ -443,39 +542,45 @@ def main(argv=None):
             rank,
             world,
             say,
+            unreadable,
         )
         result["epochs"] = args.epochs
-    if args.mode == "fast" or args.knn:
+    if args.mode == "fast" or knn:
         t0 = time.time()
-        xt, yt = extract(net, Mapped(train, val_tf), args.batch_size, args.workers, device, amp)
-        xv, yv = extract(net, Mapped(val, val_tf), args.batch_size, args.workers, device, amp)
+        features = []
+        for split in (train, val):
+            ds = Mapped(split, val_transform)
+            features.append(extract(net, ds, args.batch_size, args.workers, device, amp, unreadable))
+        (xt, yt), (xv, yv) = features
         say(f"features: train {tuple(xt.shape)}, val {tuple(xv.shape)} in {time.time() - t0:.1f} s")
     if args.mode == "fast":
+        lr = 1e-3 if args.lr is None else args.lr
         head = fit_linear(
-            xt.to(device),
-            yt,
-            num_classes,
-            args.fast_epochs,
-            1e-3 if args.lr is None else args.lr,
-            args.wd,
-            args.batch_size,
-            args.seed,
+            xt.to(device), yt, num_classes, args.fast_epochs, lr, args.wd, args.batch_size, args.seed
         )
         with torch.no_grad():
             c1, c5 = topk_correct(head(xv.to(device)), yv.to(device))
         result.update(top1=100.0 * c1 / len(yv), top5=100.0 * c5 / len(yv), epochs=args.fast_epochs)
-    if args.knn:
-        result.update(knn_top1=knn_top1(xt, yt, xv, yv, num_classes, args.knn), knn_k=args.knn)
+    if knn:
+        result.update(knn_top1=knn_top1(xt, yt, xv, yv, num_classes, knn), knn_k=knn)
+    paths = sorted(unreadable.paths)
+    if world > 1:  # each process met its own
+        gathered = [None] * world
+        dist.all_gather_object(gathered, paths)
+        paths = sorted(set().union(*gathered))
     result.update(
         ckpt=file or None,
         step=step,
         random_init=args.random_init,
+        limit=args.limit,
+        full=not args.random_init and not args.limit,
         arch=args.arch,
         small_stem=small_stem,
         data=args.data,
         img_size=args.img_size,
         n_train=len(train),
         n_val=len(val),
+        unreadable_images=len(paths),
         seed=args.seed,
         seconds=round(time.time() - t_start, 1),
     )
@@ -492,9 +597,10 @@ def cli(argv=None):
     try:
         main(argv)
     except UsageError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "bad input"
+        lines = str(e).strip().splitlines()
+        message = lines[-1] if lines else "bad input"
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"lineval.py: error: {msg}", file=sys.stderr)
+            print(f"lineval.py: error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

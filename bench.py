@@ -1,13 +1,13 @@
 """
-bench.py -- how fast and how lean is decorr.py: its loss, a training step, its data path, and
-partitions that span processes.
+bench.py -- how fast and how lean is decorr.py: its loss, a training step, its data path; and what
+partitions that span processes send.
 
     python bench.py loss  [--dims 2048,4096] [--parts 1,8,32] [--rows 1024]
     python bench.py train [--projs 4096-256,2048-2048-2048,8192-8192-8192] [--arch resnet18]
                           [--img-size 32] [--batch 64] [--parts 1] [--amp bf16|fp16|none]
     python bench.py data  [--batch 256] [--threads N] [--workers N] [--folder-size 224]
     python bench.py parts [--world 8] [--batch 2048] [--dims 2048] [--parts 1,2,8]
-    each: [--warmup N] [--repeats N] [--json PATH]; loss, train, data: [--max-time S], on CUDA if any
+    loss, train, data: [--warmup N] [--repeats N] [--max-time S], on CUDA if any; each: [--json PATH]
 
 loss   decorr_loss against algorithm1() (the paper's Algorithm 1, part by part) and the matmul
        bound (the bare products decorr_loss cannot avoid): forward + backward time, peak memory,
@@ -17,17 +17,20 @@ train  training steps of decorr.Model per projector, in one process with k = --p
 data   the augmentation alone: data.batches on 32-px images in memory against torchvision's
        per-sample pipeline, data.batches on a folder of generated JPEGs, and the default run's
        training step beside them. The last line of stdout is a JSON object with speedup_32px.
-parts  --world gloo processes, forward + backward of decorr_loss with k parts of the global
-       batch: time, and bytes sent by each rank (computed from the layout, and counted).
+parts  the bytes decorr_loss sends per rank and step with k parts of the global batch on W
+       processes (computed from the layout), beside DDP's all-reduce of the predictor's gradient.
 
-Each function is run --warmup times untimed, then the functions measured together take turns, one
-timed run each per round, for --repeats rounds or until --max-time seconds are spent (at least one
-round). loss and train first measure peak memory, in two more runs of each (see peak_bytes).
+Each function is run --warmup times untimed (0: none), then the functions measured together take
+turns, one timed run each per round, for --repeats rounds or until --max-time seconds are spent (at
+least one round). loss and train first measure peak memory, in two more runs of each (peak_bytes).
+Loader processes are timed in steady state (see loader). A figure that the timing cannot support
+(below the noise, or outside what is possible) is printed as a note in its place.
 Output: a markdown table and notes on stdout, progress on stderr, all of it as JSON with --json.
 """
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import json
 import math
@@ -39,8 +42,6 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
@@ -48,14 +49,14 @@ from torchvision.transforms import v2
 import config
 import data
 import decorr
-from decorr import UsageError
+from data import UsageError
 
 MiB = 2**20
 PAPER = dict(batch=2048, world=8, dims=(2048, 8192), parts=(1, 2, 8))  # sec. 5.1, Table 5
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+def log(message):
+    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -68,12 +69,19 @@ def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0):
     means over parts. W^T W is the same for every part and is computed once (k GPUs compute it k
     times): the stricter comparison. Float32 with autocast off, like decorr_loss."""
     with torch.autocast(f1.device.type, enabled=False):
-        f1, f2, w = f1.float(), f2.float(), w.float()
-        (n, D), wtw = f1.shape, w.T @ w
-        m, inv, cov = n // parts, 0.0, 0.0
+        f1 = f1.float()
+        f2 = f2.float()
+        w = w.float()
+        n, D = f1.shape
+        wtw = w.T @ w
+        m = n // parts
+        inv = 0.0
+        cov = 0.0
         for j in range(parts):
-            a, b = f1[j * m : (j + 1) * m], f2[j * m : (j + 1) * m]
-            p1, p2 = a @ w.T, b @ w.T
+            a = f1[j * m : (j + 1) * m]
+            b = f2[j * m : (j + 1) * m]
+            p1 = a @ w.T
+            p2 = b @ w.T
             inv = inv + ((p1 - b).pow(2).mean() + (p2 - a).pow(2).mean()) / parts
             cov = cov + ((p1.T @ p1 / m - wtw).pow(2).sum() + (p2.T @ p2 / m - wtw).pow(2).sum()) / parts
         return inv_coef * inv + cov_coef / D * cov, inv, cov
@@ -97,11 +105,13 @@ def run_timed(fn, device):
     """Seconds of one fn(); a function that times itself returns its seconds (a float)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    r = fn()
+    start = time.perf_counter()
+    result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return r if isinstance(r, float) else time.perf_counter() - t
+    if isinstance(result, float):
+        return result
+    return time.perf_counter() - start
 
 
 def measure(fns, device, warmup, repeats, max_time):
@@ -112,25 +122,30 @@ def measure(fns, device, warmup, repeats, max_time):
     for fn in fns.values():
         for _ in range(warmup):
             run_timed(fn, device)
-    times, start = {k: [] for k in fns}, time.perf_counter()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
     for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(run_timed(fn, device))
+        for name, fn in fns.items():
+            times[name].append(run_timed(fn, device))
         if time.perf_counter() - start >= max_time:
             break
     return times
+
+
+def spread(times):
+    """Half the range of the timed runs: the noise a difference of two medians must clear."""
+    return (max(times) - min(times)) / 2
 
 
 def glibc_mmap_threshold(nbytes):
     """Makes glibc map every new block of nbytes or more when allocated and unmap it when freed, and
     give back free heap memory (mallopt, malloc_trim). False where that is not possible."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None)
-        ok = libc.mallopt(-3, nbytes) == 1 and libc.mallopt(-1, 2 * nbytes) == 1  # M_MMAP_, M_TRIM_THRESHOLD
+        mapped = libc.mallopt(-3, nbytes) == 1  # M_MMAP_THRESHOLD
+        trimmed = libc.mallopt(-1, 2 * nbytes) == 1  # M_TRIM_THRESHOLD
         libc.malloc_trim(0)
-        return ok
+        return mapped and trimmed
     except (OSError, AttributeError):
         return False
 
@@ -143,17 +158,23 @@ def live_memory(device):
     longer in use, and a run that reuses them shows little growth). Measure before any timed run,
     whose freed blocks would stay in the heap. Afterwards blocks from 32 MiB up are mapped (where
     glibc's own threshold settles), for the timed runs: mapping every block made them 18-32 % slower."""
-    live = device.type == "cuda" or glibc_mmap_threshold(64 * 1024)
+    if device.type == "cuda":
+        yield True
+        return
+    live = glibc_mmap_threshold(64 * 1024)
     try:
-        yield live and (device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK))
+        yield live and os.access("/proc/self/clear_refs", os.W_OK)
     finally:
-        if device.type == "cpu":
-            glibc_mmap_threshold(32 * MiB)
+        glibc_mmap_threshold(32 * MiB)
 
 
-def proc_status(key):  # VmRSS, VmHWM: bytes
+def proc_status(key):
+    """A /proc/self/status entry in kB (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
 def peak_bytes(fn, device):
@@ -186,28 +207,26 @@ def bound_products(n, D, parts):
     backward product 4 W (W^T W))."""
     m = n // parts
     return [
-        (8, "mm", (n, D), (D, D)),
-        (4, "mm", (D, n), (n, D)),
-        (2, "mm", (D, D), (D, D)),
-        (2, "bmm", (parts, m, D), (parts, D, m)),
-        (2, "bmm", (parts, m, m), (parts, m, D)),
-        (2, "bmm", (parts, D, m), (parts, m, m)),
+        (8, torch.mm, (n, D), (D, D)),
+        (4, torch.mm, (D, n), (n, D)),
+        (2, torch.mm, (D, D), (D, D)),
+        (2, torch.bmm, (parts, m, D), (parts, D, m)),
+        (2, torch.bmm, (parts, m, m), (parts, m, D)),
+        (2, torch.bmm, (parts, D, m), (parts, m, m)),
     ]
 
 
 def matmul_bound(n, D, parts, device):
     """A function that times each product of bound_products once, on random operands, and returns
     sum(count x seconds): the time decorr_loss would take if it did nothing else."""
-    products = bound_products(n, D, parts)
-    operands = [
-        (torch.randn(*sa, device=device), torch.randn(*sb, device=device)) for _, _, sa, sb in products
-    ]
+    products = []
+    for count, op, shape_a, shape_b in bound_products(n, D, parts):
+        a = torch.randn(*shape_a, device=device)
+        b = torch.randn(*shape_b, device=device)
+        products.append((count, functools.partial(op, a, b)))
 
     def bound():
-        return sum(
-            count * run_timed(lambda: (torch.bmm if op == "bmm" else torch.mm)(a, b), device)
-            for (count, op, _, _), (a, b) in zip(products, operands)
-        )
+        return sum(count * run_timed(product, device) for count, product in products)
 
     return bound
 
@@ -228,79 +247,81 @@ def loss_steps(a, D, k, device, values):
         return step
 
     return dict(
-        decorr_loss=step_of("decorr_loss", decorr.decorr_loss), algorithm1=step_of("algorithm1", algorithm1)
+        decorr_loss=step_of("decorr_loss", decorr.decorr_loss),
+        algorithm1=step_of("algorithm1", algorithm1),
     )
 
 
+def over_bound(seconds, bound):
+    """seconds / bound, at least 1 where the timing holds (the bound is the bare products alone);
+    under 0.9 a note."""
+    if bound is None:
+        return None
+    ratio = seconds / bound
+    if ratio < 0.9:
+        return "under the bound: noise"
+    return ratio
+
+
+def loss_row(a, D, k, device, peaks):
+    """decorr_loss, algorithm1 and (Gram form) the matmul bound, timed in the same rounds."""
+    log(f"loss: D {D}, {k} parts, {a.rows} rows")
+    values = {}
+    row = dict(D=D, parts=k, rows=a.rows, decorr_loss={}, algorithm1={}, bound={})
+    fns = loss_steps(a, D, k, device, values)
+    if a.rows // k < D:  # the bound counts the Gram form's products
+        fns["bound"] = matmul_bound(a.rows, D, k, device)
+    for name, times in measure(fns, device, a.warmup, a.repeats, a.max_time).items():
+        row[name].update(values.get(name, {}), times=times, seconds=statistics.median(times))
+    for name, peak in peaks.items():
+        row[name]["peak_bytes"] = peak
+    ours = row["decorr_loss"]
+    ref = row["algorithm1"]
+    bound = row["bound"].get("seconds")
+    row["speedup"] = ref["seconds"] / ours["seconds"]
+    row["ours_over_bound"] = over_bound(ours["seconds"], bound)
+    row["ref_over_bound"] = over_bound(ref["seconds"], bound)
+    row["memory_ratio"] = None
+    if ours["peak_bytes"] and ref["peak_bytes"]:
+        row["memory_ratio"] = ref["peak_bytes"] / ours["peak_bytes"]
+    row["rel_diff"] = max(abs(ours[q] - ref[q]) / abs(ref[q]) for q in ("loss", "inv", "cov"))
+    return row
+
+
+LOSS_COLUMNS = [
+    ("D", lambda r: r["D"]),
+    ("parts", lambda r: r["parts"]),
+    ("decorr_loss ms", lambda r: ms(r["decorr_loss"]["seconds"])),
+    ("Algorithm 1 ms", lambda r: ms(r["algorithm1"]["seconds"])),
+    ("speed-up", lambda r: f"{r['speedup']:.2f}"),
+    ("matmul bound ms", lambda r: ms(r["bound"].get("seconds"))),
+    ("ours / bound", lambda r: num(r["ours_over_bound"], ".2f")),
+    ("Alg. 1 / bound", lambda r: num(r["ref_over_bound"], ".2f")),
+    ("ours peak MiB", lambda r: mib(r["decorr_loss"]["peak_bytes"])),
+    ("Alg. 1 peak MiB", lambda r: mib(r["algorithm1"]["peak_bytes"])),
+    ("memory ratio", lambda r: num(r["memory_ratio"], ".1f")),
+    ("rel. diff", lambda r: f"{r['rel_diff']:.1e}"),
+]
+
+
 def cmd_loss(a, device):
-    sizes, results, table = [(D, k) for D in a.dims for k in a.parts], [], []
+    sizes = [(D, k) for D in a.dims for k in a.parts]
+    peaks = {}
     with live_memory(device) as live:  # peak memory first
-        peaks = {
-            (D, k): {
-                name: peak_bytes(fn, device) if live else None
-                for name, fn in loss_steps(a, D, k, device, {}).items()
-            }
-            for D, k in sizes
-        }
-    for D, k in sizes:
-        log(f"loss: D {D}, {k} parts, {a.rows} rows")
-        values, row = {}, dict(D=D, parts=k, rows=a.rows, decorr_loss={}, algorithm1={}, bound={})
-        fns = loss_steps(a, D, k, device, values)
-        if a.rows // k < D:  # the bound counts the Gram form's products
-            fns["bound"] = matmul_bound(a.rows, D, k, device)
-        for name, times in measure(fns, device, a.warmup, a.repeats, a.max_time).items():
-            row[name].update(values.get(name, {}), times=times, seconds=statistics.median(times))
-        for name in peaks[D, k]:
-            row[name]["peak_bytes"] = peaks[D, k][name]
-        ours, ref, bound = row["decorr_loss"], row["algorithm1"], row["bound"].get("seconds")
-        mem = ours["peak_bytes"], ref["peak_bytes"]
-        row.update(
-            speedup=ref["seconds"] / ours["seconds"],
-            ours_over_bound=bound and ours["seconds"] / bound,
-            ref_over_bound=bound and ref["seconds"] / bound,
-            memory_ratio=mem[1] / mem[0] if all(mem) else None,
-            rel_diff=max(abs(ours[q] - ref[q]) / abs(ref[q]) for q in ("loss", "inv", "cov")),
-        )
-        results.append(row)
-        table.append(
-            [
-                D,
-                k,
-                ms(ours["seconds"]),
-                ms(ref["seconds"]),
-                f"{row['speedup']:.2f}",
-                ms(bound),
-                num(row["ours_over_bound"], ".2f"),
-                num(row["ref_over_bound"], ".2f"),
-                mib(mem[0]),
-                mib(mem[1]),
-                num(row["memory_ratio"], ".1f"),
-                f"{row['rel_diff']:.1e}",
-            ]
-        )
-        del fns
-    headers = [
-        "D",
-        "parts",
-        "decorr_loss ms",
-        "Algorithm 1 ms",
-        "speed-up",
-        "matmul bound ms",
-        "ours / bound",
-        "Alg. 1 / bound",
-        "ours peak MiB",
-        "Alg. 1 peak MiB",
-        "memory ratio",
-        "rel. diff",
-    ]
+        for D, k in sizes:
+            steps = loss_steps(a, D, k, device, {})
+            peaks[D, k] = {name: peak_bytes(step, device) if live else None for name, step in steps.items()}
+    results = [loss_row(a, D, k, device, peaks[D, k]) for D, k in sizes]
     notes = [
-        f"{a.rows} rows, float32, forward + backward, {device.type}; median of up to {a.repeats} rounds after "
-        f"{a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a run (peak_bytes). rel. "
-        "diff: of loss, inv and cov between decorr_loss and algorithm1 on the row's inputs (gradients: tests).",
-        "matmul bound: the bare float32 products of decorr_loss's Gram form (rows per part < D; '-' for the "
-        "D x D form), forward and backward, timed in the same rounds; ours / bound = 1 is the limit.",
+        f"{a.rows} rows, float32, forward + backward, {device.type}; median of up to {a.repeats} rounds "
+        f"after {a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a run "
+        "(peak_bytes). rel. diff: of loss, inv and cov between decorr_loss and algorithm1 on the row's "
+        "inputs (gradients: tests).",
+        "matmul bound: the bare float32 products of decorr_loss's Gram form (rows per part < D; '-' for "
+        "the D x D form), forward and backward, timed in the same rounds; ours / bound = 1 is the limit, "
+        "and a ratio under 0.9 is shown as noise.",
     ]
-    return dict(results=results), md_table(headers, table), notes
+    return dict(results=results), table(LOSS_COLUMNS, results), notes
 
 
 # ----------------------------------------------------------------------------- train
@@ -315,103 +336,106 @@ def train_steps(args, variants, device, amp):
     model = decorr.Model(args).to(device)
     model.backbone.to(memory_format=torch.channels_last)
     model.train()
-    opt, scaler = decorr.make_optimizer(model, args), torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    opt = decorr.make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     g = torch.Generator().manual_seed(0)
-    x1, x2 = (
-        torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(
-            device, memory_format=torch.channels_last
-        )
-        for _ in range(2)
-    )
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    x1 = torch.randn(shape, generator=g).to(device, memory_format=torch.channels_last)
+    x2 = torch.randn(shape, generator=g).to(device, memory_format=torch.channels_last)
 
-    def forward(variant):  # as model(x1, x2): (loss, ...)
-        if variant == "decorr":
-            return model
+    def algorithm1_head(x1, x2):
+        f1 = decorr.standardize(model.projector(model.backbone(x1)))
+        f2 = decorr.standardize(model.projector(model.backbone(x2)))
+        return algorithm1(f1, f2, model.predictor.weight, args.partitions, args.inv_coef, args.cov_coef)
 
-        def head(x1, x2):
-            f1, f2 = (model.projector(model.backbone(x)) for x in (x1, x2))
-            if variant == "nohead":
-                return (f1.float().sum() + f2.float().sum(),)
-            f1, f2 = decorr.standardize(f1), decorr.standardize(f2)
-            return algorithm1(f1, f2, model.predictor.weight, args.partitions, args.inv_coef, args.cov_coef)
+    def no_head(x1, x2):
+        f1 = model.projector(model.backbone(x1))
+        f2 = model.projector(model.backbone(x2))
+        return (f1.float().sum() + f2.float().sum(),)
 
-        return head
-
+    forward = dict(decorr=model, algorithm1=algorithm1_head, nohead=no_head)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
-    return {
-        v: functools.partial(decorr.train_step, forward(v), opt, scaler, x1, x2, 1e-5, dtype)
-        for v in variants
-    }
+    steps = {}
+    for variant in variants:
+        steps[variant] = functools.partial(
+            decorr.train_step, forward[variant], opt, scaler, x1, x2, 1e-5, dtype
+        )
+    return steps
+
+
+def head_share(times, no_head_times):
+    """(t - t_no_head) / t of the medians, or a note where the difference does not clear the noise
+    (the spread of either's timed runs; with one run each, a difference not above 0)."""
+    t = statistics.median(times)
+    difference = t - statistics.median(no_head_times)
+    if difference <= max(spread(times), spread(no_head_times)):
+        return "below noise"
+    return difference / t
+
+
+TRAIN_VARIANTS = dict(decorr="decorr", algorithm1="algorithm1", nohead="no head")
+TRAIN_COLUMNS = [
+    ("projector", lambda r: r["proj"]),
+    ("variant", lambda r: TRAIN_VARIANTS[r["variant"]]),
+    ("images/s", lambda r: f"{r['img_per_s']:.1f}"),
+    ("step ms", lambda r: ms(r["seconds"])),
+    ("peak MiB", lambda r: mib(r["peak_bytes"])),
+    ("head share", lambda r: share_cell(r["head_share"])),
+    ("timed steps", lambda r: len(r["times"])),
+]
+
+
+def share_cell(share):
+    if isinstance(share, float):
+        return f"{100 * share:.0f}%"
+    return num(share, "")
+
+
+def train_args(a, proj):
+    """decorr.py's arguments for a model of the bench's settings."""
+    argv = ["--arch", a.arch, "--img-size", a.img_size, "--proj", proj, "--batch-size", a.batch]
+    argv += ["--partitions", a.parts]
+    return config.parse_args([str(value) for value in argv])
 
 
 def cmd_train(a, device):
-    names = dict(decorr="decorr", algorithm1="algorithm1", nohead="no head")
-    results, table = [], []
-    args = {
-        proj: decorr.parse_args(
-            [
-                "--arch",
-                a.arch,
-                "--img-size",
-                str(a.img_size),
-                "--proj",
-                proj,
-                "--batch-size",
-                str(a.batch),
-                "--partitions",
-                str(a.parts),
-            ]
-        )
-        for proj in a.projs
-    }
+    args = {proj: train_args(a, proj) for proj in a.projs}
+    peaks = {}
     with live_memory(device) as live:  # peak memory first
-        peaks = {
-            proj: {
-                v: peak_bytes(step, device) if live else None
-                for v, step in train_steps(args[proj], names, device, a.amp).items()
-            }
-            for proj in a.projs
-        }
+        for proj in a.projs:
+            steps = train_steps(args[proj], TRAIN_VARIANTS, device, a.amp)
+            peaks[proj] = {v: peak_bytes(step, device) if live else None for v, step in steps.items()}
+    results = []
     for proj in a.projs:
         log(f"train: {a.arch} {proj}, {a.img_size} px, batch {a.batch}, {a.parts} parts")
-        steps = train_steps(args[proj], names, device, a.amp)
+        steps = train_steps(args[proj], TRAIN_VARIANTS, device, a.amp)
         times = measure(steps, device, a.warmup, a.repeats, a.max_time)
-        t0 = statistics.median(times["nohead"])
-        for v, name in names.items():
-            t = statistics.median(times[v])
-            share = (t - t0) / t if v != "nohead" else None
+        for variant in TRAIN_VARIANTS:
+            seconds = statistics.median(times[variant])
+            share = None
+            if variant != "nohead":
+                share = head_share(times[variant], times["nohead"])
             results.append(
                 dict(
                     proj=proj,
-                    variant=v,
-                    seconds=t,
-                    times=times[v],
-                    img_per_s=a.batch / t,
-                    peak_bytes=peaks[proj][v],
+                    variant=variant,
+                    seconds=seconds,
+                    times=times[variant],
+                    img_per_s=a.batch / seconds,
+                    peak_bytes=peaks[proj][variant],
                     head_share=share,
                 )
             )
-            table.append(
-                [
-                    proj,
-                    name,
-                    f"{a.batch / t:.1f}",
-                    ms(t),
-                    mib(peaks[proj][v]),
-                    "-" if share is None else f"{100 * share:.0f}%",
-                    len(times[v]),
-                ]
-            )
         del steps
-    headers = ["projector", "variant", "images/s", "step ms", "peak MiB", "head share", "timed steps"]
     notes = [
-        f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, amp "
-        f"{a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the three variants "
-        f"share one model and take turns; median of up to {a.repeats} steps after {a.warmup} warm-up (none after "
-        f"{a.max_time:g} s); peak: memory growth in a step (peak_bytes), gradients included. head = standardize + "
-        "predictor + loss; head share = (t - t_no_head) / t."
+        f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, "
+        f"amp {a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the "
+        f"three variants share one model and take turns; median of up to {a.repeats} steps after "
+        f"{a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a step (peak_bytes), "
+        "gradients included. head = standardize + predictor + loss; head share = (t - t_no_head) / t, "
+        "'below noise' where t - t_no_head is within half the range of the timed steps.",
     ]
-    return dict(results=results), md_table(headers, table), notes
+    return dict(results=results), table(TRAIN_COLUMNS, results), notes
 
 
 # ----------------------------------------------------------------------------- data
@@ -435,16 +459,28 @@ def torchvision_view(solarize_p):
 
 class PerSample(torch.utils.data.Dataset):
     """Item i: image i % len(images) in two views, by torchvision_view with data.VIEWS' solarize
-    probabilities; endless, so that one iterator serves all batches."""
+    probabilities, and the seconds they took to make; endless, so that one iterator serves all
+    batches."""
 
     def __init__(self, images):
-        self.images, self.views = images, [torchvision_view(solarize_p) for _, solarize_p in data.VIEWS]
+        self.images = images
+        self.views = [torchvision_view(solarize_p) for _, solarize_p in data.VIEWS]
 
     def __len__(self):
         return 10**9
 
     def __getitem__(self, i):
-        return tuple(view(self.images[i % len(self.images)]) for view in self.views)
+        start = time.perf_counter()
+        image = self.images[i % len(self.images)]
+        views = [view(image) for view in self.views]
+        return *views, time.perf_counter() - start
+
+
+def with_work(batches, work):
+    """The batches of PerSample items, each one's seconds of work appended to work."""
+    for batch in batches:
+        work.append(batch[-1].sum().item())
+        yield batch
 
 
 def write_jpegs(root, n, seed=0):
@@ -454,133 +490,176 @@ def write_jpegs(root, n, seed=0):
         size = (300, 400) if i % 2 else (400, 300)
         x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size, mode="bicubic")[0]
         x = (x + 0.05 * torch.randn(3, *size, generator=g)).clamp(0, 1)
-        os.makedirs(os.path.join(root, "ab"[i % 2]), exist_ok=True)
-        v2.functional.to_pil_image(x).save(os.path.join(root, "ab"[i % 2], f"{i}.jpg"), quality=90)
+        folder = os.path.join(root, "ab"[i % 2])
+        os.makedirs(folder, exist_ok=True)
+        v2.functional.to_pil_image(x).save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
-def data_times(batches, device, a):
-    """{name: seconds of each of up to --repeats consecutive batches} for the iterables of batches
-    in `batches` ({name: iterable}), after --warmup batches, in rounds; their iterators are ended
-    after, and with them any loader processes."""
-    its = {name: iter(b) for name, b in batches.items()}
+def data_times(pipelines, device, a):
+    """{name: seconds per batch of each timed run} for pipelines, {name: (iterable of batches,
+    batches per timed run, batches taken untimed after the warm-up)}, timed in rounds as measure()
+    does. The iterators are ended after, and with them any loader processes."""
+    iterators = {name: iter(batches) for name, (batches, _, _) in pipelines.items()}
+    takes = {}
+    for name, (_, per_run, _) in pipelines.items():
+        takes[name] = functools.partial(take, iterators[name], per_run)
     try:
-        return measure(
-            {name: it.__next__ for name, it in its.items()}, device, a.warmup, a.repeats, a.max_time
-        )
+        for name, (_, _, skipped) in pipelines.items():
+            for _ in range(a.warmup):
+                run_timed(takes[name], device)
+            take(iterators[name], skipped)
+        times = measure(takes, device, 0, a.repeats, a.max_time)
     finally:
-        for it in its.values():
+        for it in iterators.values():
             if hasattr(it, "close"):  # a generator (data.batches)
                 it.close()
-        its.clear()  # a DataLoader iterator shuts its workers down
+        iterators.clear()  # a DataLoader iterator shuts its workers down
+    return {name: [t / pipelines[name][1] for t in times[name]] for name in times}
+
+
+def take(iterator, n):
+    for _ in range(n):
+        next(iterator)
+
+
+def loader(batches, processes):
+    """(batches, per timed run, untimed after warm-up) for an iterable fed by loader processes: a
+    timed run takes one batch from each process, after the batches they prepare ahead (two each,
+    DataLoader's prefetch_factor), which would have been ready at once."""
+    if processes == 0:
+        return batches, 1, 0
+    return batches, processes, 2 * processes
+
+
+def data_row(pipeline, px, where, times, batch):
+    seconds = sum(times) / len(times)
+    log(f"data: {pipeline}, {px} px, {where}: {batch / seconds:.0f} images/s")
+    return dict(
+        pipeline=pipeline,
+        px=px,
+        where=where,
+        seconds_per_batch=seconds,
+        img_per_s=batch / seconds,
+        times=times,
+    )
+
+
+def plausible(seconds_per_batch, work, processes):
+    """Whether `processes` loader processes, whose batches took `work` seconds each to make, can have
+    delivered one every seconds_per_batch (with 20 % to spare for the noise)."""
+    return seconds_per_batch >= 0.8 * statistics.mean(work) / processes
 
 
 def cmd_data(a, device):
     torch.set_num_threads(a.threads)
-    B, T, W = a.batch, a.threads, a.workers
+    B = a.batch
+    T = a.threads
+    W = a.workers
     images, labels = data.synthetic_images(max(data.SYNTH_TRAIN, B), 0)
-    args32 = decorr.parse_args(["--batch-size", str(B)])  # the default run: 32 px, resnet18 4096-256
-
-    def row(pipeline, px, where, times, k=1):  # k batches per timed call
-        sec = sum(times) / len(times) / k
-        log(f"data: {pipeline}, {px} px, {where}: {B / sec:.0f} images/s")
-        return dict(
-            pipeline=pipeline, px=px, where=where, seconds_per_batch=sec, img_per_s=B / sec, times=times
-        )
+    args32 = config.parse_args(["--batch-size", str(B)])  # the default run: 32 px, resnet18 4096-256
 
     # the two pipelines of this process take turns, under the same load; loader processes are timed
     # alone, as they work ahead while anything else runs
-    k, batched = (
-        max(1, data.AHEAD.get(device.type, 0) // B),
-        data.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9),
-    )
-    t = data_times(
-        dict(
-            batched=iter(lambda: [next(batched) for _ in range(k)], None),  # k batches at a time
-            per_sample=DataLoader(PerSample(images), batch_size=B),
-        ),
-        device,
-        a,
-    )
+    k = max(1, data.AHEAD.get(device.type, 0) // B)  # batches data.batches makes at a time
+    batched = data.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9)
+    pipelines = dict(batched=(batched, k, 0), per_sample=(DataLoader(PerSample(images), batch_size=B), 1, 0))
+    t = data_times(pipelines, device, a)
     batched.close()
     rows = [
-        row("data.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"], k),
-        row("torchvision v2, per sample", 32, f"this process, {T} threads", t["per_sample"]),
+        data_row("data.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"], B),
+        data_row("torchvision v2, per sample", 32, f"this process, {T} threads", t["per_sample"], B),
     ]
-    t = data_times(dict(loaders=DataLoader(PerSample(images), batch_size=B, num_workers=T)), device, a)
-    rows.append(row("torchvision v2, per sample", 32, f"{T} loader process(es), 1 thread each", t["loaders"]))
+    work = []
+    loaders = with_work(DataLoader(PerSample(images), batch_size=B, num_workers=T), work)
+    t = data_times(dict(loaders=loader(loaders, T)), device, a)
+    where = f"{T} loader process(es), 1 thread each"
+    rows.append(data_row("torchvision v2, per sample", 32, where, t["loaders"], B))
+    timed_work = work[-len(t["loaders"]) * T :]
+    rows[-1]["possible"] = plausible(rows[-1]["seconds_per_batch"], timed_work, T)
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(tmp, B)
-        args = decorr.parse_args(
-            ["--data", tmp, "--batch-size", str(B), "--img-size", str(a.folder_size), "--workers", str(W)]
-        )
-        t = data_times(dict(folder=data.batches(data.Folder(tmp), False, args, device, 0, 10**9)), device, a)
-        rows.append(
-            row(
-                "data.batches, JPEG folder",
-                a.folder_size,
-                f"{W} loader process(es), 1 thread each "
-                f"(decode, crop) + this process (colour, {T} threads, {device.type})",
-                t["folder"],
-            )
-        )
+        argv = ["--data", tmp, "--batch-size", B, "--img-size", a.folder_size, "--workers", W]
+        args = config.parse_args([str(value) for value in argv])
+        folder = data.batches(data.Folder(tmp), False, args, device, 0, 10**9)
+        t = data_times(dict(folder=loader(folder, W)), device, a)
+    where = f"{W} loader process(es), 1 thread each (decode, crop) + this process (colour, {T} threads, "
+    where += f"{device.type})"
+    rows.append(data_row("data.batches, JPEG folder", a.folder_size, where, t["folder"], B))
 
     log(f"data: training step of decorr.Model, resnet18 4096-256, 32 px, batch {B}, amp {a.amp}")
-    times = measure(train_steps(args32, ["decorr"], device, a.amp), device, a.warmup, a.repeats, a.max_time)[
-        "decorr"
-    ]
+    steps = train_steps(args32, ["decorr"], device, a.amp)
+    times = measure(steps, device, a.warmup, a.repeats, a.max_time)["decorr"]
     step = statistics.median(times)
-    batched, per_sample = rows[0], max(rows[1:3], key=lambda r: r["img_per_s"])
-    summary = dict(
-        speedup_32px=batched["img_per_s"] / per_sample["img_per_s"],
+    for row in rows:
+        row["data_over_step"] = row["seconds_per_batch"] / step if row["px"] == 32 else None
+    rows.append(
+        dict(
+            pipeline="training step: decorr.Model resnet18 4096-256",
+            px=32,
+            where=f"this process, {T} threads, {device.type}",
+            seconds_per_batch=step,
+            img_per_s=B / step,
+            data_over_step=1,
+        )
+    )
+    summary = data_summary(rows, a, device, step)
+    notes = [
+        f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} timed "
+        f"runs after {a.warmup} warm-up (none after {a.max_time:g} s); a timed run of loader processes "
+        "takes a batch from each, once the batches they prepared ahead are taken. Step "
+        f"(decorr.train_step: forward, backward, LARS): median, amp {a.amp}. data / step: decorr.py "
+        f"makes in-memory views between steps, in the training process, for {k * B} images at a time "
+        f"({k} batch(es): a timed run), so this is the share they add to a step; loader processes work "
+        "beside it (on the same cores), above 1 it waits.",
+        "speedup_32px = batched images/s over the faster per-sample row: "
+        f"{num(summary['speedup_32px'], '.1f')} "
+        f"(target 4). JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is "
+        "another model's.",
+    ]
+    results = dict(results=rows[:4], train_step=dict(seconds=step, times=times), summary=summary)
+    return results, table(data_columns(B), rows), notes
+
+
+def data_columns(batch):
+    return [
+        ("pipeline", lambda r: r["pipeline"]),
+        ("px", lambda r: r["px"]),
+        ("where", lambda r: r["where"]),
+        ("images/s", rate_cell),
+        (f"ms per batch of {batch}", lambda r: ms(r["seconds_per_batch"])),
+        ("data / step", lambda r: num(r["data_over_step"], ".3f")),
+    ]
+
+
+def rate_cell(row):
+    if row.get("possible") is False:
+        return "faster than made: not steady"
+    return num(row["img_per_s"], ".0f" if row["img_per_s"] >= 10 else ".1f")
+
+
+def data_summary(rows, a, device, step):
+    """The headline figures: speedup_32px, the batched views against the faster per-sample row,
+    is a note where the loader processes' timing cannot be right."""
+    batched, in_process, loaders, folder = rows[:4]
+    per_sample = max(in_process, loaders, key=lambda r: r["img_per_s"])
+    speedup = batched["img_per_s"] / per_sample["img_per_s"]
+    if not loaders["possible"]:
+        speedup = f"not measured: {a.threads} loader processes timed faster than they work"
+    return dict(
+        speedup_32px=speedup,
         batched_img_per_s=batched["img_per_s"],
         per_sample_img_per_s=per_sample["img_per_s"],
         per_sample_where=per_sample["where"],
-        folder_img_per_s=rows[3]["img_per_s"],
+        folder_img_per_s=folder["img_per_s"],
         folder_px=a.folder_size,
-        train_img_per_s=B / step,
+        train_img_per_s=a.batch / step,
         step_s=step,
         batched_data_over_step=batched["seconds_per_batch"] / step,
-        batch=B,
-        threads=T,
-        workers=W,
+        batch=a.batch,
+        threads=a.threads,
+        workers=a.workers,
         amp=a.amp,
         device=device.type,
-    )
-    table = [
-        [
-            r["pipeline"],
-            r["px"],
-            r["where"],
-            f"{r['img_per_s']:.0f}",
-            ms(r["seconds_per_batch"]),
-            f"{r['seconds_per_batch'] / step:.3f}" if r["px"] == 32 else "-",
-        ]
-        for r in rows
-    ]
-    table.append(
-        [
-            "training step: decorr.Model resnet18 4096-256",
-            32,
-            f"this process, {T} threads, {device.type}",
-            f"{B / step:.1f}",
-            ms(step),
-            "1",
-        ]
-    )
-    headers = ["pipeline", "px", "where", "images/s", f"ms per batch of {B}", "data / step"]
-    notes = [
-        f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} consecutive batches "
-        f"after {a.warmup} warm-up (none after {a.max_time:g} s); step (decorr.train_step: forward, backward, LARS): "
-        f"median, amp {a.amp}. data / step: decorr.py makes in-memory views between steps, in the training process, for "
-        f"{k * B} images at a time ({k} batch(es): a timed run), so this is the share they add to a step; "
-        "loader processes work beside it (on the same cores), above 1 it waits.",
-        f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f} (target 4). "
-        f"JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is another model's.",
-    ]
-    return (
-        dict(results=rows, train_step=dict(seconds=step, times=times), summary=summary),
-        md_table(headers, table),
-        notes,
     )
 
 
@@ -596,150 +675,48 @@ def parts_bytes(B, W, D, k):
     g n x D predictions, the backward reduce-scatters their gradient. D x D form (m >= D): per view
     and part of the group, an all-reduce of its D x D matrix forward and of its gradient backward.
     g = 1 (k a multiple of W; k = W is Algorithm 1's layout): nothing."""
-    n, m = B // W, B // k
+    n = B // W
+    m = B // k
     g = math.lcm(n, m) // n
     if m < D:
         return g, "Gram", 2 * 2 * (g - 1) * n * D * 4
     return g, "D x D", 2 * (g * n // m) * 2 * 2 * (g - 1) * D * D * 4 // g
 
 
-def count_collectives(sent):
-    """Makes the collectives decorr_loss calls (as dist.<name>) add to sent[0] the bytes this rank
-    sends in them, by the ring rule of parts_bytes: a count independent of parts_bytes' layout."""
-    size = lambda t: t.numel() * t.element_size()
-    rules = dict(
-        all_reduce=lambda g, t: 2 * (g - 1) * size(t) / g,
-        all_gather_single=lambda g, out, x: (g - 1) * size(x),
-        reduce_scatter_single=lambda g, out, x: (g - 1) * size(out),
-    )
-    for name, rule in rules.items():
-
-        def counted(*args, _fn=getattr(dist, name), _rule=rule, **kw):
-            sent[0] += _rule(dist.get_world_size(kw.get("group")), *args)
-            return _fn(*args, **kw)
-
-        setattr(dist, name, counted)
-
-
-def parts_worker(rank, world, tmp, s):
-    """One of `world` gloo processes: rows [rank n, (rank+1) n) of standardized features, the same W
-    on every rank; per D and k: warm-up, one counted step, then timed steps between barriers (the
-    slowest rank's time). Rank 0 writes the results to tmp/result.json."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(
-        "gloo", init_method="file://" + os.path.join(tmp, "store"), rank=rank, world_size=world
-    )
-    sent, n, out = [0.0], s["batch"] // world, []
-    count_collectives(sent)
-    for D in s["dims"]:
-        g = torch.Generator().manual_seed(rank)
-        f1, f2 = (decorr.standardize(torch.randn(n, D, generator=g)).requires_grad_() for _ in range(2))
-        w = torch.eye(D) + torch.randn(D, D, generator=torch.Generator().manual_seed(0)) / (10 * math.sqrt(D))
-        w.requires_grad_()
-        for k in s["parts"]:
-
-            def step():  # between barriers: the slowest rank's time
-                for t in (f1, f2, w):
-                    t.grad = None
-                dist.barrier()
-                decorr.decorr_loss(f1, f2, w, parts=k)[0].backward()
-                dist.barrier()
-
-            for _ in range(s["warmup"]):
-                step()
-            sent[0], counted = 0.0, [None] * world
-            step()
-            dist.all_gather_object(counted, sent[0])
-            times = measure(dict(step=step), torch.device("cpu"), 0, s["repeats"], math.inf)["step"]
-            out.append(
-                dict(D=D, parts=k, seconds=statistics.median(times), times=times, counted_bytes=max(counted))
-            )
-            if rank == 0:
-                log(f"parts: D {D}, k {k}: {1e3 * out[-1]['seconds']:.0f} ms")
-        del f1, f2, w
-    if rank == 0:
-        with open(os.path.join(tmp, "result.json"), "w") as fh:
-            json.dump(out, fh)
-    dist.barrier()
-    dist.destroy_process_group()
+PARTS_COLUMNS = [
+    ("W", lambda r: r["world"]),
+    ("B", lambda r: r["batch"]),
+    ("n = B/W", lambda r: r["batch"] // r["world"]),
+    ("D", lambda r: r["D"]),
+    ("k", lambda r: r["parts"]),
+    ("m = B/k", lambda r: r["batch"] // r["parts"]),
+    ("ranks per part", lambda r: r["ranks_per_part_group"]),
+    ("form", lambda r: r["form"]),
+    ("MiB sent / rank / step", lambda r: mib(r["bytes"], ".4g")),
+    ("DDP grad of W, MiB", lambda r: mib(r["ddp_predictor_bytes"], ".4g")),
+]
 
 
 def cmd_parts(a, device):
-    log(f"parts: {a.world} gloo processes, global batch {a.batch}, D {a.dims}, k {a.parts}")
-    spec = dict(batch=a.batch, dims=a.dims, parts=a.parts, warmup=a.warmup, repeats=a.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(parts_worker, args=(a.world, tmp, spec), nprocs=a.world, join=True)
-        with open(os.path.join(tmp, "result.json")) as fh:
-            measured = {(r["D"], r["parts"]): r for r in json.load(fh)}
     sizes = [(a.world, a.batch, D, k) for D in a.dims for k in a.parts]
-    sizes += [
-        s
-        for s in ((PAPER["world"], PAPER["batch"], D, k) for D in PAPER["dims"] for k in PAPER["parts"])
-        if s not in sizes
-    ]
-    results, table = [], []
+    for D in PAPER["dims"]:
+        for k in PAPER["parts"]:
+            if (PAPER["world"], PAPER["batch"], D, k) not in sizes:
+                sizes.append((PAPER["world"], PAPER["batch"], D, k))
+    results = []
     for W, B, D, k in sizes:
-        g, form, nbytes = parts_bytes(B, W, D, k)
-        r = measured.get((D, k)) if (W, B) == (a.world, a.batch) else None
-        at_w = measured.get((D, W)) if r else None
-        ddp = 2 * (W - 1) * D * D * 4 // W
-        results.append(
-            dict(
-                r or {},
-                world=W,
-                batch=B,
-                D=D,
-                parts=k,
-                ranks_per_part_group=g,
-                form=form,
-                bytes=nbytes,
-                ddp_predictor_bytes=ddp,
-            )
-        )
-        table.append(
-            [
-                W,
-                B,
-                B // W,
-                D,
-                k,
-                B // k,
-                g,
-                form,
-                f"{nbytes / MiB:.4g}",
-                num(r and r["counted_bytes"] / MiB, ".4g"),
-                f"{ddp / MiB:.4g}",
-                ms(r and r["seconds"]),
-                num(at_w and r["seconds"] / at_w["seconds"], ".2f"),
-            ]
-        )
-    headers = [
-        "W",
-        "B",
-        "n = B/W",
-        "D",
-        "k",
-        "m = B/k",
-        "ranks per part",
-        "form",
-        "MiB sent / rank / step",
-        "counted",
-        "DDP grad of W, MiB",
-        "ms fwd+bwd",
-        "time / time at k=W",
-    ]
-    cpus, threads = os.cpu_count() or 1, max(1, (os.cpu_count() or 1) // a.world)
+        g, form, sent = parts_bytes(B, W, D, k)
+        row = dict(world=W, batch=B, D=D, parts=k, ranks_per_part_group=g, form=form, bytes=sent)
+        row["ddp_predictor_bytes"] = 2 * (W - 1) * D * D * 4 // W
+        results.append(row)
     notes = [
-        f"Rows with a time: {a.world} gloo processes of {threads} thread(s) on this machine's {cpus} CPUs"
-        + (" (sharing them: a time includes waiting for a core)" if a.world * threads > cpus else "")
-        + f", over loopback; forward + backward of decorr_loss alone, median of {a.repeats} steps after {a.warmup} "
-        f"warm-up, between barriers. Other rows: computed only, the paper's batch {PAPER['batch']} on "
-        f"{PAPER['world']} GPUs. MiB sent: by decorr_loss's collectives (parts_bytes: float32, ring algorithms); "
-        "counted: that rule applied to the calls decorr_loss made in one step (largest over ranks).",
-        "The same for every k, not in decorr_loss: DDP's all-reduce of the gradients (the predictor's in the "
-        "table; the backbone's and projector's), standardize's all-reduce of 2 x 2 x D floats.",
+        f"Computed, not measured: the sizes given, then the paper's batch {PAPER['batch']} on "
+        f"{PAPER['world']} GPUs. MiB sent: by decorr_loss's collectives (parts_bytes: float32, ring "
+        "algorithms; test_bench.py counts them on the calls decorr_loss makes). The same for every k, not "
+        "in decorr_loss: DDP's all-reduce of the gradients (the predictor's in the table; the backbone's "
+        "and projector's), standardize's all-reduce of 2 x 2 x D floats. Its time per k: bench.py loss.",
     ]
-    return dict(results=results), md_table(headers, table), notes
+    return dict(results=results), table(PARTS_COLUMNS, results), notes
 
 
 # ----------------------------------------------------------------------------- output and command line
@@ -747,32 +724,52 @@ def cmd_parts(a, device):
 
 def md_table(headers, rows):
     """A GitHub markdown table, columns padded; cells are str()-ed."""
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join(
-        [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
-    )
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(headers), rule] + [line(row) for row in rows])
+
+
+def table(columns, results):
+    """md_table of results, one row each: columns is [(header, cell of a result)]."""
+    headers = [header for header, _ in columns]
+    return md_table(headers, [[cell(result) for _, cell in columns] for result in results])
 
 
 def num(x, spec):
-    return "-" if x is None else format(x, spec)
+    """x formatted by spec; '-' for None; a note (a string) as it is."""
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
 
 
 def ms(seconds):
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds * 1e3:.1f}"
+    return f"{seconds * 1e3:.0f}"
 
 
-def mib(nbytes):
-    return "-" if nbytes is None else f"{nbytes / MiB:.0f}"
+def mib(nbytes, spec=".0f"):
+    if nbytes is None:
+        return "-"
+    return format(nbytes / MiB, spec)
 
 
 def machine(device):
+    cpu = platform.machine()
     with open("/proc/cpuinfo") as fh:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-            platform.machine(),
-        )
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     return dict(
         device=device.type,
         cpu=cpu,
@@ -792,13 +789,19 @@ def positive(s):
     return int(s)
 
 
+def not_negative(s):
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 0")
+    return int(s)
+
+
 def positives(s):  # "1,8,32" -> [1, 8, 32]
     return [positive(x) for x in s.split(",")]
 
 
 def projectors(s):
-    for p in s.split(","):
-        config.parse_proj(p)
+    for proj in s.split(","):
+        config.parse_proj(proj)
     return s.split(",")
 
 
@@ -806,6 +809,52 @@ def splits(n, ks, name):
     for k in ks:
         if n % k:
             raise UsageError(f"{name} {n} does not split into {k} equal parts")
+
+
+def add_arguments(commands):
+    """The options of each sub-command ({name: its parser})."""
+    for name, s in commands.items():
+        s.add_argument("--json", metavar="PATH", help="also write settings, machine and results here")
+        if name == "parts":
+            continue
+        s.add_argument("--warmup", type=not_negative, help="untimed runs (default: CPU 1, GPU 3)")
+        help_repeats = "timed rounds (default: CPU 3, data 10; GPU 10, train 20)"
+        s.add_argument("--repeats", "--steps", type=positive, help=help_repeats)
+        s.add_argument("--max-time", type=float, help="seconds, then no new round (default: CPU 10, GPU 30)")
+        if name in ("train", "data"):
+            s.add_argument("--amp", choices=("bf16", "fp16", "none"), help="default: decorr.py's")
+    loss = commands["loss"].add_argument
+    loss("--dims", type=positives, help="D values (default: CPU 2048,4096; GPU 2048,4096,8192)")
+    loss("--parts", type=positives, default=[1, 8, 32], help="partition counts (default 1,8,32)")
+    loss("--rows", type=positive, default=1024, help="rows (default 1024)")
+    train = commands["train"].add_argument
+    train("--projs", type=projectors, default=["4096-256", "2048-2048-2048", "8192-8192-8192"])
+    train("--arch", choices=config.ARCHS, help="default: CPU resnet18, GPU resnet50")
+    train("--img-size", type=positive, help="default: CPU 32, GPU 224")
+    train("--batch", type=positive, help="images per step (default: CPU 64, GPU 256)")
+    train("--parts", type=positive, default=1, help="k, partitions of the batch (default 1)")
+    threads = torch.get_num_threads()
+    workers = max(0, min(10, (os.cpu_count() or 1) - 1))
+    data_ = commands["data"].add_argument
+    data_("--batch", type=positive, default=256, help="images per batch (default 256, as decorr.py)")
+    data_(
+        "--threads",
+        type=positive,
+        default=threads,
+        help=f"threads here, and per-sample loader processes ({threads})",
+    )
+    data_(
+        "--workers",
+        type=not_negative,
+        default=workers,
+        help=f"data.batches' loader processes for the folder ({workers})",
+    )
+    data_("--folder-size", type=positive, default=224, help="crop size for the folder (default 224)")
+    parts = commands["parts"].add_argument
+    parts("--world", type=positive, default=PAPER["world"], help="processes W (default 8)")
+    parts("--batch", type=positive, default=PAPER["batch"], help="global batch B (default 2048)")
+    parts("--dims", type=positives, default=[2048], help="D values (default 2048)")
+    parts("--parts", type=positives, default=list(PAPER["parts"]), help="k values (default 1,2,8)")
 
 
 def parse_args(argv):
@@ -816,70 +865,24 @@ def parse_args(argv):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{loss,train,data,parts}")
-    q = {name: sub.add_parser(name) for name in ("loss", "train", "data", "parts")}
-    for name, s in q.items():
-        s.add_argument("--json", metavar="PATH", help="also write settings, machine and results here")
-        s.add_argument("--warmup", type=positive, help="untimed runs (default: CPU 1, GPU 3)")
-        s.add_argument(
-            "--repeats",
-            "--steps",
-            type=positive,
-            help="timed rounds (default: CPU 3, data 10; GPU 10, train 20)",
-        )
-        if name != "parts":
-            s.add_argument(
-                "--max-time", type=float, help="seconds, then no new round (default: CPU 10, GPU 30)"
-            )
-        if name in ("train", "data"):
-            s.add_argument(
-                "--amp", choices=("bf16", "fp16", "none"), help="default: decorr.py's (bf16 where supported)"
-            )
-    add = lambda name, *opt, **kw: q[name].add_argument(*opt, **kw)
-    add("loss", "--dims", type=positives, help="D values (default: CPU 2048,4096; GPU 2048,4096,8192)")
-    add("loss", "--parts", type=positives, default=[1, 8, 32], help="partition counts (default 1,8,32)")
-    add("loss", "--rows", type=positive, default=1024, help="rows (default 1024)")
-    add("train", "--projs", type=projectors, default=["4096-256", "2048-2048-2048", "8192-8192-8192"])
-    add("train", "--arch", choices=config.ARCHS, help="default: CPU resnet18, GPU resnet50")
-    add("train", "--img-size", type=positive, help="default: CPU 32, GPU 224")
-    add("train", "--batch", type=positive, help="images per step (default: CPU 64, GPU 256)")
-    add("train", "--parts", type=positive, default=1, help="k, partitions of the batch (default 1)")
-    add("data", "--batch", type=positive, default=256, help="images per batch (default 256, as decorr.py)")
-    add(
-        "data",
-        "--threads",
-        type=positive,
-        default=torch.get_num_threads(),
-        help=f"threads here, and per-sample loader processes (default {torch.get_num_threads()})",
-    )
-    add(
-        "data",
-        "--workers",
-        type=int,
-        default=max(0, min(10, (os.cpu_count() or 1) - 1)),
-        help="data.batches' loader processes for the folder (default as decorr.py: CPUs - 1, at most 10)",
-    )
-    add("data", "--folder-size", type=positive, default=224, help="crop size for the folder (default 224)")
-    add("parts", "--world", type=positive, default=PAPER["world"], help="processes W (default 8)")
-    add("parts", "--batch", type=positive, default=PAPER["batch"], help="global batch B (default 2048)")
-    add("parts", "--dims", type=positives, default=[2048], help="D values (default 2048)")
-    add("parts", "--parts", type=positives, default=list(PAPER["parts"]), help="k values (default 1,2,8)")
+    add_arguments({name: sub.add_parser(name) for name in ("loss", "train", "data", "parts")})
     a = p.parse_args(argv)
 
-    a.device = "cuda" if torch.cuda.is_available() and a.cmd != "parts" else "cpu"  # parts: gloo on CPUs
-    gpu = a.device == "cuda"
-    a.warmup = a.warmup or (3 if gpu else 1)
-    a.repeats = a.repeats or ((20 if a.cmd == "train" else 10) if gpu else 10 if a.cmd == "data" else 3)
+    gpu = torch.cuda.is_available() and a.cmd != "parts"
+    a.device = "cuda" if gpu else "cpu"
     if a.cmd != "parts":
-        a.max_time = (30.0 if gpu else 10.0) if a.max_time is None else a.max_time
+        if a.warmup is None:
+            a.warmup = 3 if gpu else 1
+        if a.repeats is None and gpu:
+            a.repeats = 20 if a.cmd == "train" else 10
+        if a.repeats is None:
+            a.repeats = 10 if a.cmd == "data" else 3
+        if a.max_time is None:
+            a.max_time = 30.0 if gpu else 10.0
         if a.max_time <= 0:
             raise UsageError(f"--max-time must be positive, got {a.max_time:g}")
     if a.cmd in ("train", "data") and a.amp is None:  # decorr.py's default: bf16 where supported
-        bf16 = (
-            torch.cuda.is_bf16_supported()
-            if gpu
-            else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        )
-        a.amp = "bf16" if bf16 else "none"
+        a.amp = config.parse_args([]).amp
     if a.cmd == "loss":
         a.dims = a.dims or ([2048, 4096, 8192] if gpu else [2048, 4096])
         splits(a.rows, a.parts, "--rows")
@@ -888,13 +891,14 @@ def parse_args(argv):
         a.img_size = a.img_size or (224 if gpu else 32)
         a.batch = a.batch or (256 if gpu else 64)
         splits(a.batch, [a.parts], "--batch")
-    if a.cmd == "data" and a.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {a.workers}")
     if a.cmd == "parts":
         splits(a.batch, [a.world] + a.parts, "--batch")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
         raise UsageError(f"--json {a.json!r}: no such directory")
     return a
+
+
+COMMANDS = dict(loss=cmd_loss, train=cmd_train, data=cmd_data, parts=cmd_parts)
 
 
 def main(argv=None):
@@ -903,33 +907,25 @@ def main(argv=None):
     device = torch.device(a.device)
     log(f"bench.py {a.cmd} on {device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.time()
-    data, table, notes = dict(loss=cmd_loss, train=cmd_train, data=cmd_data, parts=cmd_parts)[a.cmd](
-        a, device
-    )
+    results, markdown, notes = COMMANDS[a.cmd](a, device)
     wall = time.time() - t0
-    print(
-        f"## bench.py {a.cmd}\n\n{table}\n\n"
-        + "".join(f"- {n}\n" for n in notes)
-        + f"- wall time {wall:.0f} s"
-    )
+    notes_md = "".join(f"- {note}\n" for note in notes)
+    print(f"## bench.py {a.cmd}\n\n{markdown}\n\n{notes_md}- wall time {wall:.0f} s")
     if a.json:
+        document = dict(
+            command=a.cmd,
+            argv=argv,
+            settings=vars(a),
+            machine=machine(device),
+            wall_s=wall,
+            markdown=markdown,
+            notes=notes,
+            **results,
+        )
         with open(a.json, "w") as fh:
-            json.dump(
-                dict(
-                    command=a.cmd,
-                    argv=argv,
-                    settings=vars(a),
-                    machine=machine(device),
-                    wall_s=wall,
-                    markdown=table,
-                    notes=notes,
-                    **data,
-                ),
-                fh,
-                indent=1,
-            )
-    if "summary" in data:
-        print(json.dumps(data["summary"]))
+            json.dump(document, fh, indent=1)
+    if "summary" in results:
+        print(json.dumps(results["summary"]))
     return 0
 
 
@@ -939,7 +935,8 @@ def cli(argv=None):
         return main(argv)
     except UsageError as e:
         lines = str(e).strip().splitlines()
-        print(f"bench.py: error: {lines[-1] if lines else 'bad input'}", file=sys.stderr)
+        message = lines[-1] if lines else "bad input"
+        print(f"bench.py: error: {message}", file=sys.stderr)
         return 2
 
 

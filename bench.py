@@ -1,13 +1,11 @@
 """
-bench.py -- how fast and how lean is decorr.py: its loss, a training step, its data path; and what
-partitions that span processes send.
+bench.py -- how fast and how lean is decorr.py: its loss, a training step and its data path.
 
     python bench.py loss  [--dims 2048,4096] [--parts 1,8,32] [--rows 1024]
     python bench.py train [--projs 4096-256,2048-2048-2048,8192-8192-8192] [--arch resnet18]
                           [--img-size 32] [--batch 64] [--parts 1] [--amp bf16|fp16|none]
     python bench.py data  [--batch 256] [--threads N] [--workers N] [--folder-size 224]
-    python bench.py parts [--world 8] [--batch 2048] [--dims 2048] [--parts 1,2,8]
-    loss, train, data: [--warmup N] [--repeats N] [--max-time S], on CUDA if any; each: [--json PATH]
+    each: [--warmup N] [--repeats N] [--max-time S] [--json PATH]; on CUDA if there is one
 
 loss   decorr_loss against algorithm1() (the paper's Algorithm 1, part by part) and the matmul
        bound (the bare products decorr_loss cannot avoid): forward + backward time, peak memory,
@@ -17,8 +15,6 @@ train  training steps of decorr.Model per projector, in one process with k = --p
 data   the augmentation alone: data.batches on 32-px images in memory against torchvision's
        per-sample pipeline, data.batches on a folder of generated JPEGs, and the default run's
        training step beside them. The last line of stdout is a JSON object with speedup_32px.
-parts  the bytes decorr_loss sends per rank and step with k parts of the global batch on W
-       processes (computed from the layout), beside DDP's all-reduce of the predictor's gradient.
 
 Each function is run --warmup times untimed (0: none), then the functions measured together take
 turns, one timed run each per round, for --repeats rounds or until --max-time seconds are spent (at
@@ -36,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -52,7 +49,6 @@ import decorr
 from data import UsageError
 
 MiB = 2**20
-PAPER = dict(batch=2048, world=8, dims=(2048, 8192), parts=(1, 2, 8))  # sec. 5.1, Table 5
 
 
 def log(message):
@@ -63,11 +59,10 @@ def log(message):
 
 
 def algorithm1(f1, f2, w, parts=1, inv_coef=1.0, cov_coef=1.0):
-    """REFERENCE: the paper's Algorithm 1 (appendix F) written out part by part in one process;
-    returns (loss, inv, cov) normalised as decorr.decorr_loss. Part j (rows j m:(j+1) m) plays one
-    GPU of Algorithm 1 and data-parallel training averages the GPUs' losses, so inv and cov are
-    means over parts. W^T W is the same for every part and is computed once (k GPUs compute it k
-    times): the stricter comparison. Float32 with autocast off, like decorr_loss."""
+    """REFERENCE: the paper's Algorithm 1 (appendix F) part by part in one process; (loss, inv, cov)
+    normalised as decorr.decorr_loss. Part j (rows j m:(j+1) m) plays one GPU, and data-parallel
+    training averages the GPUs' losses: inv and cov are means over parts. W^T W is computed once (k
+    GPUs compute it k times): the stricter comparison. Float32 with autocast off, as decorr_loss."""
     with torch.autocast(f1.device.type, enabled=False):
         f1 = f1.float()
         f2 = f2.float()
@@ -132,11 +127,6 @@ def measure(fns, device, warmup, repeats, max_time):
     return times
 
 
-def spread(times):
-    """Half the range of the timed runs: the noise a difference of two medians must clear."""
-    return (max(times) - min(times)) / 2
-
-
 def glibc_mmap_threshold(nbytes):
     """Makes glibc map every new block of nbytes or more when allocated and unmap it when freed, and
     give back free heap memory (mallopt, malloc_trim). False where that is not possible."""
@@ -152,12 +142,10 @@ def glibc_mmap_threshold(nbytes):
 
 @contextlib.contextmanager
 def live_memory(device):
-    """Where peak memory is measured: yields whether peak_bytes can be trusted. On a CPU, glibc maps
-    every block from 64 KiB up and unmaps it when freed, so that the resident set follows the live
-    tensors (by default it keeps freed blocks of up to 32 MiB for reuse: RSS then counts blocks no
-    longer in use, and a run that reuses them shows little growth). Measure before any timed run,
-    whose freed blocks would stay in the heap. Afterwards blocks from 32 MiB up are mapped (where
-    glibc's own threshold settles), for the timed runs: mapping every block made them 18-32 % slower."""
+    """Where peak memory is measured (before any timed run): yields whether peak_bytes can be trusted.
+    On a CPU glibc maps every block from 64 KiB up and unmaps it when freed, so that RSS follows the
+    live tensors (by default it keeps freed blocks up to 32 MiB for reuse, which RSS counts). After,
+    blocks from 32 MiB up are mapped, glibc's own setting: mapping all made timed runs 18-32 % slower."""
     if device.type == "cuda":
         yield True
         return
@@ -200,11 +188,10 @@ def peak_bytes(fn, device):
 
 
 def bound_products(n, D, parts):
-    """The matrix products of decorr_loss's Gram form (parts of m < D rows) that no implementation
-    can avoid, forward and backward, as (count, op, shape a, shape b): p = f W^T and q = p W^T for
-    both views (forward, and the backward G W and G^T x of each), the parts' Gram matrices P P^T
-    (forward, and autograd's two backward products), W^T W (forward, and decorr.GramSquare's one
-    backward product 4 W (W^T W))."""
+    """The products of decorr_loss's Gram form (parts of m < D rows) that no implementation avoids,
+    forward and backward, as (count, op, shape a, shape b): p = f W^T and q = p W^T per view (and the
+    backward G W and G^T x of each), the parts' P P^T (and its two backward products), W^T W (and
+    decorr.GramSquare's one backward product)."""
     m = n // parts
     return [
         (8, torch.mm, (n, D), (D, D)),
@@ -314,12 +301,10 @@ def cmd_loss(a, device):
     results = [loss_row(a, D, k, device, peaks[D, k]) for D, k in sizes]
     notes = [
         f"{a.rows} rows, float32, forward + backward, {device.type}; median of up to {a.repeats} rounds "
-        f"after {a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a run "
-        "(peak_bytes). rel. diff: of loss, inv and cov between decorr_loss and algorithm1 on the row's "
-        "inputs (gradients: tests).",
-        "matmul bound: the bare float32 products of decorr_loss's Gram form (rows per part < D; '-' for "
-        "the D x D form), forward and backward, timed in the same rounds; ours / bound = 1 is the limit, "
-        "and a ratio under 0.9 is shown as noise.",
+        f"after {a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a run. rel. diff: "
+        "of loss, inv and cov between decorr_loss and algorithm1 (gradients: tests).",
+        "matmul bound: the bare float32 products of decorr_loss's Gram form (rows per part < D), forward "
+        "and backward, timed in the same rounds; ours / bound = 1 is the limit, under 0.9 it is noise.",
     ]
     return dict(results=results), table(LOSS_COLUMNS, results), notes
 
@@ -368,7 +353,8 @@ def head_share(times, no_head_times):
     (the spread of either's timed runs; with one run each, a difference not above 0)."""
     t = statistics.median(times)
     difference = t - statistics.median(no_head_times)
-    if difference <= max(spread(times), spread(no_head_times)):
+    noise = max(max(runs) - min(runs) for runs in (times, no_head_times)) / 2
+    if difference <= noise:
         return "below noise"
     return difference / t
 
@@ -380,15 +366,9 @@ TRAIN_COLUMNS = [
     ("images/s", lambda r: f"{r['img_per_s']:.1f}"),
     ("step ms", lambda r: ms(r["seconds"])),
     ("peak MiB", lambda r: mib(r["peak_bytes"])),
-    ("head share", lambda r: share_cell(r["head_share"])),
+    ("head share", lambda r: num(r["head_share"], ".0%")),
     ("timed steps", lambda r: len(r["times"])),
 ]
-
-
-def share_cell(share):
-    if isinstance(share, float):
-        return f"{100 * share:.0f}%"
-    return num(share, "")
 
 
 def train_args(a, proj):
@@ -428,12 +408,11 @@ def cmd_train(a, device):
             )
         del steps
     notes = [
-        f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) per step, partitions k = {a.parts}, "
-        f"amp {a.amp}, {device.type}; a step is decorr.train_step (forward, backward, LARS update); the "
-        f"three variants share one model and take turns; median of up to {a.repeats} steps after "
-        f"{a.warmup} warm-up (none after {a.max_time:g} s); peak: memory growth in a step (peak_bytes), "
-        "gradients included. head = standardize + predictor + loss; head share = (t - t_no_head) / t, "
-        "'below noise' where t - t_no_head is within half the range of the timed steps.",
+        f"{a.arch}, {a.img_size} px, {a.batch} images (pairs of views) a step, k = {a.parts}, amp {a.amp}, "
+        f"{device.type}; decorr.train_step (forward, backward, LARS), the variants of one model in turns; "
+        f"median of up to {a.repeats} steps after {a.warmup} warm-up (none after {a.max_time:g} s); peak: "
+        "memory growth in a step. head share = (t - t_no_head) / t, the head being standardize + predictor "
+        "+ loss; 'below noise' where t - t_no_head is within half the range of the timed steps.",
     ]
     return dict(results=results), table(TRAIN_COLUMNS, results), notes
 
@@ -550,43 +529,56 @@ def plausible(seconds_per_batch, work, processes):
     return seconds_per_batch >= 0.8 * statistics.mean(work) / processes
 
 
-def cmd_data(a, device):
-    torch.set_num_threads(a.threads)
-    B = a.batch
-    T = a.threads
-    W = a.workers
-    images, labels = data.synthetic_images(max(data.SYNTH_TRAIN, B), 0)
-    args32 = config.parse_args(["--batch-size", str(B)])  # the default run: 32 px, resnet18 4096-256
-
-    # the two pipelines of this process take turns, under the same load; loader processes are timed
-    # alone, as they work ahead while anything else runs
-    k = max(1, data.AHEAD.get(device.type, 0) // B)  # batches data.batches makes at a time
+def in_process_rows(images, labels, args32, k, device, a):
+    """data.batches on the images in memory, k batches a call as decorr.py makes them, and torchvision
+    per sample, both in this process, taking turns under the same load."""
     batched = data.batches(TensorDataset(images, labels), True, args32, device, 0, 10**9)
-    pipelines = dict(batched=(batched, k, 0), per_sample=(DataLoader(PerSample(images), batch_size=B), 1, 0))
-    t = data_times(pipelines, device, a)
+    per_sample = DataLoader(PerSample(images), batch_size=a.batch)
+    t = data_times(dict(batched=(batched, k, 0), per_sample=(per_sample, 1, 0)), device, a)
     batched.close()
-    rows = [
-        data_row("data.batches, batched", 32, f"this process, {T} threads, {device.type}", t["batched"], B),
-        data_row("torchvision v2, per sample", 32, f"this process, {T} threads", t["per_sample"], B),
+    where = f"this process, {a.threads} threads"
+    return [
+        data_row("data.batches, batched", 32, f"{where}, {device.type}", t["batched"], a.batch),
+        data_row("torchvision v2, per sample", 32, where, t["per_sample"], a.batch),
     ]
+
+
+def loaders_row(images, device, a):
+    """torchvision per sample in --threads loader processes of one thread each, timed alone (they work
+    ahead while anything else runs); "possible": whether they can have delivered at that rate."""
     work = []
-    loaders = with_work(DataLoader(PerSample(images), batch_size=B, num_workers=T), work)
-    t = data_times(dict(loaders=loader(loaders, T)), device, a)
-    where = f"{T} loader process(es), 1 thread each"
-    rows.append(data_row("torchvision v2, per sample", 32, where, t["loaders"], B))
-    timed_work = work[-len(t["loaders"]) * T :]
-    rows[-1]["possible"] = plausible(rows[-1]["seconds_per_batch"], timed_work, T)
+    loaders = DataLoader(PerSample(images), batch_size=a.batch, num_workers=a.threads)
+    t = data_times(dict(loaders=loader(with_work(loaders, work), a.threads)), device, a)
+    where = f"{a.threads} loader process(es), 1 thread each"
+    row = data_row("torchvision v2, per sample", 32, where, t["loaders"], a.batch)
+    timed_work = work[-len(t["loaders"]) * a.threads :]
+    row["possible"] = plausible(row["seconds_per_batch"], timed_work, a.threads)
+    return row
+
+
+def folder_row(device, a):
+    """data.batches on a folder of generated JPEGs: --workers loader processes decode and crop."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_jpegs(tmp, B)
-        argv = ["--data", tmp, "--batch-size", B, "--img-size", a.folder_size, "--workers", W]
+        write_jpegs(tmp, a.batch)
+        argv = ["--data", tmp, "--batch-size", a.batch, "--img-size", a.folder_size, "--workers", a.workers]
         args = config.parse_args([str(value) for value in argv])
         folder = data.batches(data.Folder(tmp), False, args, device, 0, 10**9)
-        t = data_times(dict(folder=loader(folder, W)), device, a)
-    where = f"{W} loader process(es), 1 thread each (decode, crop) + this process (colour, {T} threads, "
-    where += f"{device.type})"
-    rows.append(data_row("data.batches, JPEG folder", a.folder_size, where, t["folder"], B))
+        t = data_times(dict(folder=loader(folder, a.workers)), device, a)
+    where = f"{a.workers} loader process(es), 1 thread each (decode, crop) + this process (colour, "
+    where += f"{a.threads} threads, {device.type})"
+    return data_row("data.batches, JPEG folder", a.folder_size, where, t["folder"], a.batch)
 
-    log(f"data: training step of decorr.Model, resnet18 4096-256, 32 px, batch {B}, amp {a.amp}")
+
+def cmd_data(a, device):
+    torch.set_num_threads(a.threads)
+    images, labels = data.synthetic_images(max(data.SYNTH_TRAIN, a.batch), 0)
+    k = max(1, data.AHEAD.get(device.type, 0) // a.batch)  # batches data.batches makes at a time
+    args32 = config.parse_args(["--batch-size", str(a.batch)])  # the default run: 32 px, resnet18 4096-256
+    rows = in_process_rows(images, labels, args32, k, device, a)
+    rows.append(loaders_row(images, device, a))
+    rows.append(folder_row(device, a))
+
+    log(f"data: training step of decorr.Model, resnet18 4096-256, 32 px, batch {a.batch}, amp {a.amp}")
     steps = train_steps(args32, ["decorr"], device, a.amp)
     times = measure(steps, device, a.warmup, a.repeats, a.max_time)["decorr"]
     step = statistics.median(times)
@@ -596,9 +588,9 @@ def cmd_data(a, device):
         dict(
             pipeline="training step: decorr.Model resnet18 4096-256",
             px=32,
-            where=f"this process, {T} threads, {device.type}",
+            where=f"this process, {a.threads} threads, {device.type}",
             seconds_per_batch=step,
-            img_per_s=B / step,
+            img_per_s=a.batch / step,
             data_over_step=1,
         )
     )
@@ -606,18 +598,16 @@ def cmd_data(a, device):
     notes = [
         f"An image is a pair of views; {os.cpu_count()} CPUs. Data: mean over up to {a.repeats} timed "
         f"runs after {a.warmup} warm-up (none after {a.max_time:g} s); a timed run of loader processes "
-        "takes a batch from each, once the batches they prepared ahead are taken. Step "
-        f"(decorr.train_step: forward, backward, LARS): median, amp {a.amp}. data / step: decorr.py "
-        f"makes in-memory views between steps, in the training process, for {k * B} images at a time "
-        f"({k} batch(es): a timed run), so this is the share they add to a step; loader processes work "
-        "beside it (on the same cores), above 1 it waits.",
+        "takes a batch from each, after the batches they prepared ahead. Step (decorr.train_step, amp "
+        f"{a.amp}): median. "
+        f"data / step: the share in-memory views, made {k * a.batch} images at a time in the training "
+        "process, add to a step; loader processes work beside it (on the same cores), above 1 it waits.",
         "speedup_32px = batched images/s over the faster per-sample row: "
-        f"{num(summary['speedup_32px'], '.1f')} "
-        f"(target 4). JPEG folder: {B} generated 400 x 300 and 300 x 400 images, view 1 blurred; its step is "
-        "another model's.",
+        f"{num(summary['speedup_32px'], '.1f')} (target 4). JPEG folder: {a.batch} generated 400 x 300 "
+        "and 300 x 400 images, view 1 blurred.",
     ]
     results = dict(results=rows[:4], train_step=dict(seconds=step, times=times), summary=summary)
-    return results, table(data_columns(B), rows), notes
+    return results, table(data_columns(a.batch), rows), notes
 
 
 def data_columns(batch):
@@ -663,62 +653,6 @@ def data_summary(rows, a, device, step):
     )
 
 
-# ----------------------------------------------------------------------------- parts
-
-
-def parts_bytes(B, W, D, k):
-    """What decorr_loss sends per step and rank with k partitions of a global batch of B rows on W
-    processes, float32, if the collectives are ring algorithms (an all-gather or a reduce-scatter
-    of S bytes over g ranks sends (g-1)/g S from each, an all-reduce twice that). Returns
-    (g: ranks per group holding whole parts, form, bytes).
-    Gram form (part of m < D rows) over g > 1 ranks: per view, the forward all-gathers the group's
-    g n x D predictions, the backward reduce-scatters their gradient. D x D form (m >= D): per view
-    and part of the group, an all-reduce of its D x D matrix forward and of its gradient backward.
-    g = 1 (k a multiple of W; k = W is Algorithm 1's layout): nothing."""
-    n = B // W
-    m = B // k
-    g = math.lcm(n, m) // n
-    if m < D:
-        return g, "Gram", 2 * 2 * (g - 1) * n * D * 4
-    return g, "D x D", 2 * (g * n // m) * 2 * 2 * (g - 1) * D * D * 4 // g
-
-
-PARTS_COLUMNS = [
-    ("W", lambda r: r["world"]),
-    ("B", lambda r: r["batch"]),
-    ("n = B/W", lambda r: r["batch"] // r["world"]),
-    ("D", lambda r: r["D"]),
-    ("k", lambda r: r["parts"]),
-    ("m = B/k", lambda r: r["batch"] // r["parts"]),
-    ("ranks per part", lambda r: r["ranks_per_part_group"]),
-    ("form", lambda r: r["form"]),
-    ("MiB sent / rank / step", lambda r: mib(r["bytes"], ".4g")),
-    ("DDP grad of W, MiB", lambda r: mib(r["ddp_predictor_bytes"], ".4g")),
-]
-
-
-def cmd_parts(a, device):
-    sizes = [(a.world, a.batch, D, k) for D in a.dims for k in a.parts]
-    for D in PAPER["dims"]:
-        for k in PAPER["parts"]:
-            if (PAPER["world"], PAPER["batch"], D, k) not in sizes:
-                sizes.append((PAPER["world"], PAPER["batch"], D, k))
-    results = []
-    for W, B, D, k in sizes:
-        g, form, sent = parts_bytes(B, W, D, k)
-        row = dict(world=W, batch=B, D=D, parts=k, ranks_per_part_group=g, form=form, bytes=sent)
-        row["ddp_predictor_bytes"] = 2 * (W - 1) * D * D * 4 // W
-        results.append(row)
-    notes = [
-        f"Computed, not measured: the sizes given, then the paper's batch {PAPER['batch']} on "
-        f"{PAPER['world']} GPUs. MiB sent: by decorr_loss's collectives (parts_bytes: float32, ring "
-        "algorithms; test_bench.py counts them on the calls decorr_loss makes). The same for every k, not "
-        "in decorr_loss: DDP's all-reduce of the gradients (the predictor's in the table; the backbone's "
-        "and projector's), standardize's all-reduce of 2 x 2 x D floats. Its time per k: bench.py loss.",
-    ]
-    return dict(results=results), table(PARTS_COLUMNS, results), notes
-
-
 # ----------------------------------------------------------------------------- output and command line
 
 
@@ -757,22 +691,16 @@ def ms(seconds):
     return f"{seconds * 1e3:.0f}"
 
 
-def mib(nbytes, spec=".0f"):
-    if nbytes is None:
-        return "-"
-    return format(nbytes / MiB, spec)
+def mib(nbytes):
+    return "-" if nbytes is None else f"{nbytes / MiB:.0f}"
 
 
 def machine(device):
-    cpu = platform.machine()
     with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = re.search(r"model name\s*:\s*(.*)", fh.read())
     return dict(
         device=device.type,
-        cpu=cpu,
+        cpu=cpu.group(1) if cpu else platform.machine(),
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
@@ -783,16 +711,19 @@ def machine(device):
     )
 
 
-def positive(s):
-    if not s.isdigit() or int(s) <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return int(s)
+def at_least(low):
+    """An argparse type: an integer of at least low."""
+
+    def integer(s):
+        if not s.isdigit() or int(s) < low:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= {low}")
+        return int(s)
+
+    return integer
 
 
-def not_negative(s):
-    if not s.isdigit():
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 0")
-    return int(s)
+positive = at_least(1)
+not_negative = at_least(0)
 
 
 def positives(s):  # "1,8,32" -> [1, 8, 32]
@@ -815,8 +746,6 @@ def add_arguments(commands):
     """The options of each sub-command ({name: its parser})."""
     for name, s in commands.items():
         s.add_argument("--json", metavar="PATH", help="also write settings, machine and results here")
-        if name == "parts":
-            continue
         s.add_argument("--warmup", type=not_negative, help="untimed runs (default: CPU 1, GPU 3)")
         help_repeats = "timed rounds (default: CPU 3, data 10; GPU 10, train 20)"
         s.add_argument("--repeats", "--steps", type=positive, help=help_repeats)
@@ -837,24 +766,9 @@ def add_arguments(commands):
     workers = max(0, min(10, (os.cpu_count() or 1) - 1))
     data_ = commands["data"].add_argument
     data_("--batch", type=positive, default=256, help="images per batch (default 256, as decorr.py)")
-    data_(
-        "--threads",
-        type=positive,
-        default=threads,
-        help=f"threads here, and per-sample loader processes ({threads})",
-    )
-    data_(
-        "--workers",
-        type=not_negative,
-        default=workers,
-        help=f"data.batches' loader processes for the folder ({workers})",
-    )
+    data_("--threads", type=positive, default=threads, help=f"here, and per-sample loaders ({threads})")
+    data_("--workers", type=not_negative, default=workers, help=f"the folder's loader processes ({workers})")
     data_("--folder-size", type=positive, default=224, help="crop size for the folder (default 224)")
-    parts = commands["parts"].add_argument
-    parts("--world", type=positive, default=PAPER["world"], help="processes W (default 8)")
-    parts("--batch", type=positive, default=PAPER["batch"], help="global batch B (default 2048)")
-    parts("--dims", type=positives, default=[2048], help="D values (default 2048)")
-    parts("--parts", type=positives, default=list(PAPER["parts"]), help="k values (default 1,2,8)")
 
 
 def parse_args(argv):
@@ -864,23 +778,22 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{loss,train,data,parts}")
-    add_arguments({name: sub.add_parser(name) for name in ("loss", "train", "data", "parts")})
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{loss,train,data}")
+    add_arguments({name: sub.add_parser(name) for name in ("loss", "train", "data")})
     a = p.parse_args(argv)
 
-    gpu = torch.cuda.is_available() and a.cmd != "parts"
+    gpu = torch.cuda.is_available()
     a.device = "cuda" if gpu else "cpu"
-    if a.cmd != "parts":
-        if a.warmup is None:
-            a.warmup = 3 if gpu else 1
-        if a.repeats is None and gpu:
-            a.repeats = 20 if a.cmd == "train" else 10
-        if a.repeats is None:
-            a.repeats = 10 if a.cmd == "data" else 3
-        if a.max_time is None:
-            a.max_time = 30.0 if gpu else 10.0
-        if a.max_time <= 0:
-            raise UsageError(f"--max-time must be positive, got {a.max_time:g}")
+    if a.warmup is None:
+        a.warmup = 3 if gpu else 1
+    if a.repeats is None and gpu:
+        a.repeats = 20 if a.cmd == "train" else 10
+    if a.repeats is None:
+        a.repeats = 10 if a.cmd == "data" else 3
+    if a.max_time is None:
+        a.max_time = 30.0 if gpu else 10.0
+    if a.max_time <= 0:
+        raise UsageError(f"--max-time must be positive, got {a.max_time:g}")
     if a.cmd in ("train", "data") and a.amp is None:  # decorr.py's default: bf16 where supported
         a.amp = config.parse_args([]).amp
     if a.cmd == "loss":
@@ -891,14 +804,12 @@ def parse_args(argv):
         a.img_size = a.img_size or (224 if gpu else 32)
         a.batch = a.batch or (256 if gpu else 64)
         splits(a.batch, [a.parts], "--batch")
-    if a.cmd == "parts":
-        splits(a.batch, [a.world] + a.parts, "--batch")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
         raise UsageError(f"--json {a.json!r}: no such directory")
     return a
 
 
-COMMANDS = dict(loss=cmd_loss, train=cmd_train, data=cmd_data, parts=cmd_parts)
+COMMANDS = dict(loss=cmd_loss, train=cmd_train, data=cmd_data)
 
 
 def main(argv=None):

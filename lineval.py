@@ -506,8 +506,6 @@ def main(argv=None):
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
     knn = min(args.knn, len(train))
-    if knn < args.knn:
-        say(f"note: --knn {args.knn} is more than the {len(train)} train images: k = {knn}")
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
@@ -526,6 +524,8 @@ def main(argv=None):
         f"amp {args.amp}"
     )
 
+    if knn < args.knn:
+        say(f"note: --knn {args.knn} is more than the {len(train)} train images: k = {knn}")
     train_transform, val_transform = transforms(args.img_size, small)
     unreadable = Unreadable()
     result = dict(mode=args.mode)

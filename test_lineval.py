@@ -31,14 +31,18 @@ def png(path, hwc):
     Image.fromarray(hwc.numpy()).save(path)
 
 
-def cli(*argv):
+def python(script, *argv):
     return subprocess.run(
-        [sys.executable, os.path.join(HERE, "lineval.py"), *map(str, argv)],
+        [sys.executable, os.path.join(HERE, script), *map(str, argv)],
         capture_output=True,
         text=True,
         cwd=HERE,
         timeout=300,
     )
+
+
+def cli(*argv):
+    return python("lineval.py", *argv)
 
 
 def last_json(stdout):
@@ -61,27 +65,8 @@ def eval_rows(folder):
 def run(tmp_path_factory):
     """A decorr output folder from a two-step run (resnet18, CIFAR stem, synthetic data)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    argv = [
-        "--steps",
-        2,
-        "--batch-size",
-        32,
-        "--proj",
-        "64-64",
-        "--amp",
-        "none",
-        "--workers",
-        0,
-        "--out",
-        out,
-    ]
-    r = subprocess.run(
-        [sys.executable, os.path.join(HERE, "decorr.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        cwd=HERE,
-        timeout=300,
-    )
+    argv = ["--steps", 2, "--batch-size", 32, "--proj", "64-64", "--amp", "none", "--workers", 0]
+    r = python("decorr.py", *argv, "--out", out)
     assert r.returncode == 0, r.stderr
     return out
 

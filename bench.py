@@ -820,8 +820,8 @@ def main(argv=None):
     t0 = time.time()
     results, markdown, notes = COMMANDS[a.cmd](a, device)
     wall = time.time() - t0
-    notes_md = "".join(f"- {note}\n" for note in notes)
-    print(f"## bench.py {a.cmd}\n\n{markdown}\n\n{notes_md}- wall time {wall:.0f} s")
+    note_lines = "".join(f"- {note}\n" for note in notes)
+    print(f"## bench.py {a.cmd}\n\n{markdown}\n\n{note_lines}- wall time {wall:.0f} s")
     if a.json:
         document = dict(
             command=a.cmd,

@@ -132,6 +132,8 @@ def add_arguments(p):
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; every output of the old run is moved aside")
+    a("--wandb", metavar="PROJECT", default=None, help="also log to this W&B project (pip install wandb)")
+    a("--wandb-name", default=None, help="the W&B run's name (default: one W&B chooses)")
 
 
 def profile_name(data):
@@ -189,6 +191,8 @@ def refuse_unused_flags(args):
             raise UsageError(
                 f"{flag(name)} does nothing with --loss {args.loss} (it is for {', '.join(losses)})"
             )
+    if args.wandb_name is not None and args.wandb is None:
+        raise UsageError("--wandb-name does nothing without --wandb PROJECT")
     if args.identity_predictor and args.predictor_init is not None:
         raise UsageError("--predictor-init does nothing with --identity-predictor (W is I throughout)")
 

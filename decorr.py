@@ -31,6 +31,7 @@ import torchvision
 from PIL import Image
 
 from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
+from curves import check_wandb, draw_curves, wandb_finish, wandb_images, wandb_log, wandb_start
 from data import UsageError, batches, eval_transform, load_data, rank_world
 
 # ----------------------------------------------------------------------------- 1. the method
@@ -668,7 +669,8 @@ def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epo
     """The diagnostics pass: a row in the log, a line on stdout, and wp.png for decorr."""
     started = time.time()
     values = diagnostics(raw_model, probe, bank, num_classes, amp)
-    append_jsonl(log_path, dict(epoch=epoch, step=step, **values, diag_s=time.time() - started))
+    row = dict(epoch=epoch, step=step, **values, diag_s=time.time() - started)
+    append_jsonl(log_path, row)
     line = f"  diag step {step}: " + " ".join(f"{name} {value:.3f}" for name, value in values.items())
     if collapsing(values["feat_std"], values["eff_rank_proj"]):
         line += "  <- collapse?"
@@ -677,6 +679,8 @@ def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epo
         pixels = wp_picture(raw_model.predictor.weight).permute(1, 2, 0).numpy()
         picture = Image.fromarray(pixels)
         atomic_write(os.path.join(out, "wp.png"), lambda fh: picture.save(fh, format="PNG"))
+    draw_curves(log_path, os.path.join(out, "curves.png"))
+    return row
 
 
 def save_checkpoint(path, args, step, raw_model, opt, scaler):
@@ -711,6 +715,8 @@ def last_good(ckpt_path, saved):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.wandb:
+        check_wandb()  # before anything is written: without the package, one line and exit 2
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
@@ -760,6 +766,9 @@ def main(argv=None):
     if master:
         os.makedirs(out, exist_ok=True)
         trim_log(log_path, step)
+    wandb_run = None
+    if master and args.wandb:
+        wandb_run = wandb_start(args.wandb, args.wandb_name, vars(args), out, resume=step > 0)
     stop = catch_stop_signals()
     ckpt_exists = os.path.exists(ckpt_path)
 
@@ -814,6 +823,8 @@ def main(argv=None):
             row = dict(epoch=epoch, step=step, loss=loss_value, **dict(zip(terms, values)))
             row.update(lr=lr, img_per_s=img_per_s, bad_images=int(bad_images))
             append_jsonl(log_path, row)
+            if wandb_run:
+                wandb_log(wandb_run, row, step)
             print(
                 progress_line(
                     epoch, args, step, last, loss_value, dict(zip(terms, values)), lr, img_per_s, eta
@@ -822,7 +833,10 @@ def main(argv=None):
             last_log_time = now
             last_log_step = step
         if master and diagnose_now:
-            run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epoch, step)
+            row = run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epoch, step)
+            if wandb_run:
+                wandb_log(wandb_run, row, step)
+                wandb_images(wandb_run, [os.path.join(out, "wp.png"), os.path.join(out, "curves.png")], step)
         if master and (save_now or stopping):
             save_checkpoint(ckpt_path, args, step, raw_model, opt, scaler)
             saved = step
@@ -832,6 +846,10 @@ def main(argv=None):
     if master and not stopping:
         backbone = raw_model.backbone.state_dict()
         atomic_write(os.path.join(out, "backbone.pt"), lambda fh: torch.save(backbone, fh))
+    if master and stopping:  # the last step drew them with its diagnostics
+        draw_curves(log_path, os.path.join(out, "curves.png"))
+    if wandb_run:
+        wandb_finish(wandb_run)
     say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/")
     del model, raw_model, opt  # torchrun + gloo: release the model before the barrier
     if world > 1:

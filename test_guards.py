@@ -1,0 +1,218 @@
+"""What decorr.py refuses and what it never writes: bad checkpoints, non-finite weights, flags that do
+nothing, resumes that would change the run, and the outputs --fresh moves aside. Each case runs the
+command line as a user would and checks the exit code, the one line on stderr and the files left."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import config
+import decorr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--proj", "32-32", "--batch-size", "16", "--amp", "none", "--workers", "0", "--log-every", "1"]
+
+
+def run(args, env=None, timeout=300):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "decorr.py", *map(str, args)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def refused(p):
+    """Exit 2 with exactly one line on stderr, no traceback; that line."""
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+def losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", "truncated", "list"])
+def test_bad_checkpoint_is_one_line(tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "checkpoint.pt"
+    if content == "truncated":
+        good = tmp_path / "good.pt"
+        torch.save(dict(args={}, step=1, model={"w": torch.randn(1000)}), good)
+        ckpt.write_bytes(good.read_bytes()[:2000])
+    elif content == "list":
+        torch.save([1, 2, 3], ckpt)
+    else:
+        ckpt.write_bytes(content)
+    line = refused(run(TINY + ["--steps", "1", "--out", out]))
+    assert str(ckpt) in line
+    assert "--fresh" in line
+    assert len(line) < 300
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"]  # nothing else written
+
+
+def test_checkpoint_of_another_model_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    assert run(TINY + ["--steps", "1", "--out", out]).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["model"] = {"backbone.conv1.weight": torch.zeros(3)}
+    torch.save(ckpt, out / "checkpoint.pt")
+    line = refused(run(TINY + ["--steps", "2", "--out", out]))
+    assert "does not fit this model" in line
+
+
+def test_diverging_run_writes_no_non_finite_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    p = run(TINY + ["--steps", "4", "--save-every-steps", "1", "--lr", "1e29", "--out", out])
+    assert p.returncode == 1, p.stderr
+    assert "non-finite" in p.stderr
+    assert not (out / "backbone.pt").exists()
+    if (out / "checkpoint.pt").exists():
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert f"(step {ckpt['step']})" in p.stderr
+        for name, tensor in ckpt["model"].items():
+            assert torch.isfinite(tensor).all(), name
+    else:
+        assert "no checkpoint was written" in p.stderr
+
+
+def test_weights_checked_before_a_checkpoint(tmp_path, monkeypatch):
+    """The loss before the update can be finite while the weights after it are not."""
+    out = tmp_path / "out"
+    real_step = decorr.train_step
+
+    def poisoned_step(model, *args):
+        result = real_step(model, *args)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(decorr, "train_step", poisoned_step)
+    with pytest.raises(FloatingPointError, match="non-finite weights after step 1; no checkpoint"):
+        decorr.main(TINY + ["--steps", "2", "--save-every-steps", "1", "--out", str(out)])
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "1e300"], "range of float32"),
+        (["--steps", "-1"], "--steps must be a number >= 0"),
+        (["--wd", "inf"], "--wd must be a number >= 0"),
+        (["--amp", "fp16"], "--amp fp16 needs CUDA"),
+        (["--std-coef", "1"], "--std-coef does nothing with --loss decorr"),
+        (["--loss", "barlowtwins", "--identity-predictor"], "--identity-predictor does nothing with --loss"),
+        (["--loss", "vicreg", "--stopgrad"], "--stopgrad does nothing with --loss vicreg"),
+        (["--loss", "barlowtwins", "--partitions", "2"], "--partitions does nothing"),
+        (["--loss", "barlowtwins", "--inv-coef", "2"], "--inv-coef does nothing"),
+        (["--identity-predictor", "--predictor-init", "random"], "--predictor-init does nothing"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, words):
+    out = tmp_path / "out"
+    if "fp16" in flags and torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    line = refused(run(TINY + ["--steps", "1", "--out", out] + flags, timeout=60))
+    assert words in line
+    assert not out.exists()
+
+
+def test_default_partitions_follow_the_batch_not_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert config.parse_args(["--batch-size", "2048"]).partitions == 8
+    assert config.parse_args(["--batch-size", "512"]).partitions == 2
+    assert config.parse_args(["--batch-size", "64"]).partitions == 1
+    assert config.parse_args(["--batch-size", "300"]).partitions == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert config.parse_args([]).partitions == 1
+    assert config.parse_args(["--batch-size", "2048", "--partitions", "4"]).partitions == 4
+
+
+def test_same_command_same_losses_on_one_and_two_processes(tmp_path):
+    """No --partitions: the default k must not depend on the number of processes."""
+    args = ["--proj", "64-64", "--batch-size", "64", "--steps", "2", "--amp", "none", "--workers", "0"]
+    args += ["--log-every", "1"]
+    one = tmp_path / "one"
+    p = run(args + ["--out", one])
+    assert p.returncode == 0, p.stderr
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
+    p = subprocess.run(
+        torchrun + ["decorr.py", *args, "--out", str(two)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert p.returncode == 0, p.stderr
+    assert "partitions 1 of 64 images" in p.stdout
+    assert losses(one) == pytest.approx(losses(two), rel=1e-4)
+
+
+def test_fresh_moves_every_old_output_aside(tmp_path):
+    out = tmp_path / "out"
+    assert run(TINY + ["--steps", "1", "--out", out]).returncode == 0
+    (out / "eval.jsonl").write_text('{"top1": 50.0}\n')
+    old = set(os.listdir(out))
+    assert {"checkpoint.pt", "log.jsonl", "backbone.pt", "wp.png", "eval.jsonl"} <= old
+    # the fresh run dies before its end (its weights diverge): nothing of the old run may be left
+    p = run(TINY + ["--steps", "3", "--fresh", "--lr", "1e29", "--out", out])
+    assert p.returncode == 1, p.stderr
+    names = set(os.listdir(out))
+    stamped = [name for name in names if re.search(r"\.\d{8}-\d{6}-\d{6}$", name)]
+    assert sorted(name.rsplit(".", 1)[0] for name in stamped) == sorted(old)
+    assert len({name.rsplit(".", 1)[1] for name in stamped}) == 1  # one timestamp for all of them
+    assert "backbone.pt" not in names
+    assert "eval.jsonl" not in names
+
+
+def test_resume_refused_when_the_schedule_changes(tmp_path):
+    out = tmp_path / "out"
+    assert run(TINY + ["--steps", "1", "--out", out]).returncode == 0
+    for flags, name in [(["--epochs", "40"], "--epochs"), (["--warmup-epochs", "1"], "--warmup-epochs")]:
+        line = refused(run(TINY + ["--steps", "2", "--out", out] + flags))
+        assert name in line
+        assert "--fresh" in line
+    assert losses(out) == losses(out)[:1]  # the log untouched
+
+
+def test_run_past_its_last_step_rewrites_nothing(tmp_path):
+    out = tmp_path / "out"
+    assert run(TINY + ["--steps", "3", "--out", out]).returncode == 0
+    before = {name: (out / name).stat().st_mtime_ns for name in os.listdir(out)}
+    p = run(TINY + ["--steps", "2", "--out", out])
+    assert p.returncode == 0, p.stderr
+    assert "nothing to do" in p.stdout
+    after = {name: (out / name).stat().st_mtime_ns for name in os.listdir(out)}
+    assert after == before
+
+
+def test_val_classes_must_match_train(tmp_path):
+    root = tmp_path / "folders"
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "eel"))):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 90, 40, 200)).save(root / split / name / f"{i}.png")
+    line = refused(run(["--data", root, "--img-size", "8", "--out", tmp_path / "out"], timeout=60))
+    assert "different classes" in line
+    assert "dog" in line
+    assert "eel" in line
+    assert not (tmp_path / "out").exists()

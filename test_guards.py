@@ -115,21 +115,30 @@ def test_weights_checked_before_a_checkpoint(tmp_path, monkeypatch):
         (["--lr", "1e300"], "range of float32"),
         (["--steps", "-1"], "--steps must be a number >= 0"),
         (["--wd", "inf"], "--wd must be a number >= 0"),
-        (["--amp", "fp16"], "--amp fp16 needs CUDA"),
+        (["--epochs", "0"], "--epochs must be a positive number"),
         (["--std-coef", "1"], "--std-coef does nothing with --loss decorr"),
         (["--loss", "barlowtwins", "--identity-predictor"], "--identity-predictor does nothing with --loss"),
         (["--loss", "vicreg", "--stopgrad"], "--stopgrad does nothing with --loss vicreg"),
+        (["--loss", "vicreg", "--no-std"], "--no-std does nothing with --loss vicreg"),
         (["--loss", "barlowtwins", "--partitions", "2"], "--partitions does nothing"),
         (["--loss", "barlowtwins", "--inv-coef", "2"], "--inv-coef does nothing"),
+        (["--loss", "barlowtwins", "--predictor-init", "random"], "--predictor-init does nothing"),
         (["--identity-predictor", "--predictor-init", "random"], "--predictor-init does nothing"),
+        (["--wandb-name", "x"], "--wandb-name does nothing without --wandb"),
     ],
 )
-def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, words):
-    out = tmp_path / "out"
+def test_bad_flags_are_refused(flags, words):
+    with pytest.raises(decorr.UsageError, match=re.escape(words)):
+        config.parse_args(flags)
+
+
+@pytest.mark.parametrize("flags", [["--steps", "-1"], ["--amp", "fp16"], ["--std-coef", "1"]])
+def test_bad_flags_exit_2_before_anything_is_written(tmp_path, flags):
     if "fp16" in flags and torch.cuda.is_available():
         pytest.skip("fp16 is allowed on CUDA")
-    line = refused(run(TINY + ["--steps", "1", "--out", out] + flags, timeout=60))
-    assert words in line
+    out = tmp_path / "out"
+    line = refused(run(TINY + ["--out", out] + flags, timeout=60))
+    assert line.startswith("decorr.py: error: --")
     assert not out.exists()
 
 

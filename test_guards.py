@@ -225,3 +225,37 @@ def test_val_classes_must_match_train(tmp_path):
     assert "dog" in line
     assert "eel" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_backbone_lines_load_the_backbone(tmp_path):
+    out = tmp_path / "out"
+    assert run(TINY + ["--steps", "1", "--out", out]).returncode == 0
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("### Loading the backbone", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count("load_state_dict") == 2
+    namespace = {}
+    exec(code.replace("out/backbone.pt", str(out / "backbone.pt")), namespace)
+    expected = torch.load(out / "backbone.pt", weights_only=True)
+    for model in (namespace["resnet"], namespace["backbone"]):
+        state = model.state_dict()
+        assert state.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(state[name], tensor), name
+
+
+def project_files():
+    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True)
+    return [name for name in tracked.stdout.split() if name.endswith((".py", ".md", ".toml", ".txt"))]
+
+
+def test_local_links_resolve_and_nothing_outside_is_cited():
+    for name in project_files():
+        text = open(os.path.join(HERE, name)).read()
+        for cited in ("NOTES" + ".md", "RECIPES" + ".md", "appendix" + ".txt", "../" + "shared"):
+            assert cited not in text, (name, cited)
+        if name.endswith(".md"):
+            for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+                if not target.startswith("http"):
+                    path = os.path.join(HERE, os.path.dirname(name), target)
+                    assert os.path.exists(path), (name, target)

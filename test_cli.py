@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parent
+README = ROOT / "README.md"
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decorr  # noqa: E402
@@ -1021,3 +1023,40 @@ def test_stop_decided_on_two_ranks(tmp_path):
     assert decorr.load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert [r["step"] for r in train_rows(out)] == [1, 2]
     assert not (out / "backbone.pt").exists()
+
+
+# ----------------------------------------------------------------------------- 10. the README's recipe
+
+
+def test_folder_defaults_are_the_papers_recipe(monkeypatch):
+    """For image folders the defaults are the paper's ImageNet recipe (sec. 5.1): ResNet-50 at 224 px,
+    projector 2048-2048-2048, 100 epochs, global batch 2048, LARS eta 0.001 with momentum 0.9, base
+    lr 0.3 (x batch/256), weight decay 1e-6, 10 warm-up epochs; k = 8 for that batch, on 8 processes
+    as on 1. The loss's coefficients default to 1 and 1."""
+    for world in ("1", "8"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        a = decorr.parse_args(["--data", "/imagenet"])
+        got = (a.arch, a.img_size, a.proj, a.epochs, a.batch_size, a.lars_eta, a.lr, a.wd, a.warmup_epochs)
+        assert got == ("resnet50", 224, "2048-2048-2048", 100, 2048, 0.001, 0.3, 1e-6, 10)
+        assert (a.partitions, a.inv_coef, a.cov_coef, a.loss) == (8, 1.0, 1.0, "decorr")
+    assert (
+        decorr.LARS([torch.nn.Parameter(torch.ones(1))], lr=0.1, weight_decay=0.0).defaults["momentum"] == 0.9
+    )
+
+
+def test_table2_commands_match_their_rows(monkeypatch):
+    """Each Table 2 command of the README, parsed as its 8 processes parse it, has its row's projector,
+    k and coefficients (a row "2048^3, k=32, 10/1" is projector 2048-2048-2048, 32 parts, C_inv 10,
+    C_cov 1)."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    table = re.findall(
+        r"^\| ([^|]+), k=(\d+), (\d+)/(\d+) \| [\d.]+ \| `([^`]+)` \|$", README.read_text(), re.M
+    )
+    assert len(table) == 6, table
+    for proj, k, inv, cov, command in table:
+        assert command.startswith("torchrun --nproc_per_node=8 decorr.py "), command
+        a = decorr.parse_args(command.split()[3:])
+        width = proj.split("^")[0]
+        assert a.proj == (proj if "^" not in proj else "-".join([width] * int(proj.split("^")[1]))), command
+        assert (a.partitions, a.inv_coef, a.cov_coef) == (int(k), float(inv), float(cov)), command
+        assert a.batch_size == 2048

@@ -355,6 +355,8 @@ class LARS(torch.optim.Optimizer):
         # torch._foreach_*: one call per op for all tensors (a GPU step is launch-bound)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             grads = [p.grad for p in params]  # changed in place: reset before each backward
             if group["lars"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])

@@ -6,7 +6,6 @@ Float64, small sizes; the whole file runs in seconds on a 2-core CPU.
     python -m pytest -q test_baselines.py
 """
 
-import datetime
 import math
 import os
 
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import baselines
+from conftest import init_gloo
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -382,14 +382,7 @@ LOSSES = {"simsiam": baselines.simsiam_loss, "byol": baselines.byol_loss}
 def _dist_worker(rank, world, tmp):
     """Rank r computes each loss on its rows [r n, (r+1) n) of the global batch under a gloo group
     and saves its values and gradients."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method="file://" + os.path.join(tmp, "store"),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, tmp, seconds=60)
     try:
         inputs = torch.load(os.path.join(tmp, "inputs.pt"))
         n = N_DIST // world

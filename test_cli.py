@@ -29,6 +29,7 @@ README = ROOT / "README.md"
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decorr  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 SMALL = ["--batch-size", "32", "--proj", "64-64", "--amp", "none", "--workers", "0", "--log-every", "1"]
 # constant lr 1.0 (0.125 after batch scaling): the decorr loss falls by ~20% in 10 steps
@@ -683,12 +684,9 @@ def in_process(monkeypatch, argv, wrap_step=None, n_train=512, diag_images=32):
             return wrap_step(train_step, calls[-1], *args)
 
         monkeypatch.setattr(decorr, "train_step", step)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        decorr.main([str(a) for a in argv])
+        run_main(argv)
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         monkeypatch.undo()
 
 

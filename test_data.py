@@ -15,7 +15,6 @@ Tiny sizes throughout: the file runs in well under a minute on a 2-core CPU.
     python -m pytest -q test_data.py
 """
 
-import datetime
 import functools
 import io
 import itertools
@@ -23,7 +22,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import types
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decorr  # noqa: E402
+from conftest import init_gloo, run_main  # noqa: E402
 
 TF = v2.functional
 NU = data.NU
@@ -167,16 +166,6 @@ def write_truncated_png(path, seed):
 def run_cli(args, timeout=300):
     cmd = [sys.executable, "decorr.py", *[str(a) for a in args]]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def run_main(argv):
-    """decorr.main(argv) in this process, its preemption signal handlers removed afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        decorr.main([str(a) for a in argv])
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def log_rows(out):
@@ -595,14 +584,7 @@ def _collect(train, first, last, small=False, **kw):
 
 
 def _batches_worker(rank, world, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method="file://" + os.path.join(tmp, "store"),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_gloo(rank, world, tmp)
     try:
         got = _collect(_dataset(), 0, 7)
         torch.save([(x1, x2) for x1, x2, _ in got], os.path.join(tmp, f"rank{rank}.pt"))
@@ -989,26 +971,8 @@ def test_cifar_reader_and_two_training_steps(cifar, tmp_path, monkeypatch):
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
     assert np.array_equal(x.numpy().reshape(3072), raw["data"][3]) and y.item() == raw["labels"][3]
     out = tmp_path / "out"
-    run_main(
-        [
-            "--data",
-            "cifar10",
-            "--data-root",
-            root,
-            "--batch-size",
-            "16",
-            "--proj",
-            "32-32",
-            "--amp",
-            "none",
-            "--steps",
-            "2",
-            "--log-every",
-            "1",
-            "--out",
-            out,
-        ]
-    )
+    flags = "--batch-size 16 --proj 32-32 --amp none --steps 2 --log-every 1".split()
+    run_main(["--data", "cifar10", "--data-root", root, *flags, "--out", out])
     rows = [r for r in log_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "inv", "cov"))

@@ -8,7 +8,6 @@ minute on a 2-core CPU.
     python -m pytest -q test_decorr.py
 """
 
-import datetime
 import itertools
 import math
 import os
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decorr
+from conftest import init_gloo
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -421,17 +421,6 @@ def test_autocast_bf16_returns_float32():
 # ----------------------------------------------------------------------------- 6. distributed
 
 
-def _init_group(rank, world, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method="file://" + os.path.join(tmp, "store"),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-
-
 def _finish_group():
     dist.barrier()
     dist.destroy_process_group()
@@ -440,7 +429,7 @@ def _finish_group():
 def _dist_loss_worker(rank, world, tmp):
     """Rank r standardizes its rows [r n, (r+1) n) of the global batch (synchronised) and computes
     each case's loss on them; saves values and gradients."""
-    _init_group(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     try:
         data = torch.load(os.path.join(tmp, "inputs.pt"))
         results = []
@@ -545,7 +534,7 @@ def test_distributed_equals_single_process(dist_losses, world, case):
 
 
 def _dist_bn_worker(rank, world, tmp):
-    _init_group(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     try:
         data = torch.load(os.path.join(tmp, "inputs.pt"))
         n = data["x"].shape[0]

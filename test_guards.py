@@ -153,28 +153,6 @@ def test_default_partitions_follow_the_batch_not_the_processes(monkeypatch):
     assert config.parse_args(["--batch-size", "2048", "--partitions", "4"]).partitions == 4
 
 
-def test_same_command_same_losses_on_one_and_two_processes(tmp_path):
-    """No --partitions: the default k must not depend on the number of processes."""
-    args = ["--proj", "64-64", "--batch-size", "64", "--steps", "2", "--amp", "none", "--workers", "0"]
-    args += ["--log-every", "1"]
-    one = tmp_path / "one"
-    p = run(args + ["--out", one])
-    assert p.returncode == 0, p.stderr
-    two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
-    p = subprocess.run(
-        torchrun + ["decorr.py", *args, "--out", str(two)],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    assert p.returncode == 0, p.stderr
-    assert "partitions 1 of 64 images" in p.stdout
-    assert losses(one) == pytest.approx(losses(two), rel=1e-4)
-
-
 def test_fresh_moves_every_old_output_aside(tmp_path):
     out = tmp_path / "out"
     assert run(TINY + ["--steps", "1", "--out", out]).returncode == 0

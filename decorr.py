@@ -772,7 +772,6 @@ def main(argv=None):
     if master and args.wandb:
         wandb_run = wandb_start(args.wandb, args.wandb_name, vars(args), out, resume=step > 0)
     stop = catch_stop_signals()
-    ckpt_exists = os.path.exists(ckpt_path)
 
     # the schedule
     base_lr = args.lr * args.batch_size / 256
@@ -784,7 +783,7 @@ def main(argv=None):
     last_log_time = started
     first_step = step
     last_log_step = step
-    saved = step if ckpt_exists else None
+    saved = step if step > 0 else None  # a resumed run's checkpoint is its last good one
     stopping = False
     bad_images = 0
     seen_bad = 0

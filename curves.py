@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from data import UsageError
+from data import UsageError, atomic_write
 
 # the keys of a training row that are not loss terms; any other number in such a row is a term
 TRAINING_KEYS = ("epoch", "step", "loss", "lr", "img_per_s", "bad_images")
@@ -188,19 +188,7 @@ def draw_curves(log_path, png_path):
             hspace=0.6,
             wspace=0.3,
         )
-    temporary_path = f"{png_path}.tmp{os.getpid()}"
-    try:
-        with open(temporary_path, "wb") as file:
-            figure.savefig(file, format="png")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary_path, png_path)
-    finally:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-    directory = os.open(os.path.dirname(os.path.abspath(png_path)), os.O_RDONLY)
-    os.fsync(directory)
-    os.close(directory)
+    atomic_write(png_path, lambda file: figure.savefig(file, format="png"))
     figure.clear()
     return [title for title, _, _ in panels]
 
@@ -245,12 +233,7 @@ def wandb_start(project, name, config, out_dir, resume):
         raise UsageError(
             f"--wandb: {message} (or set WANDB_MODE=offline to log to {out_dir}/wandb)"
         ) from None
-    temporary_path = f"{id_path}.tmp{os.getpid()}"
-    with open(temporary_path, "w", encoding="utf-8") as file:
-        file.write(run.id + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary_path, id_path)
+    atomic_write(id_path, lambda file: file.write((run.id + "\n").encode()))
     return run
 
 

@@ -4,7 +4,7 @@ files, image folders (the ImageNet layout), and the two augmented views of each 
 on the device (the BYOL / Barlow Twins pipeline, each image with its own parameters).
 
 decorr.py calls load_data() once and batches() for the training loop; lineval.py uses load_data() and
-eval_transform().
+eval_transform(). UsageError, rank_world and atomic_write, which every file uses, are defined here first.
 """
 
 import hashlib
@@ -30,6 +30,19 @@ def rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def atomic_write(path, write):
+    """write(file) to a temporary file, fsync, rename over path: a crash leaves the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)
+    os.close(folder)
 
 
 SYNTH_TRAIN = 5000  # images of the built-in data

@@ -32,7 +32,7 @@ from PIL import Image
 
 from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
 from curves import check_wandb, draw_curves, wandb_finish, wandb_images, wandb_log, wandb_start
-from data import UsageError, batches, eval_transform, load_data, rank_world
+from data import UsageError, atomic_write, batches, eval_transform, load_data, rank_world
 
 # ----------------------------------------------------------------------------- 1. the method
 
@@ -495,19 +495,6 @@ def wp_picture(w, size=256):
 
 
 # ----------------------------------------------------------------------------- 6. files
-
-
-def atomic_write(path, write):
-    """write(file) to a temporary file, fsync, rename over path: a crash leaves the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(folder)
-    os.close(folder)
 
 
 def append_jsonl(path, row):

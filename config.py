@@ -56,7 +56,7 @@ APPLIES_TO = dict(
     std_coef=("vicreg",),
 )
 # The numeric flags and the values they take.
-POSITIVE = ("epochs", "batch_size", "img_size", "log_every", "lr", "lars_eta")
+POSITIVE = ("epochs", "batch_size", "partitions", "img_size", "log_every", "lr", "lars_eta")
 NOT_NEGATIVE = (
     """steps warmup_epochs save_every_steps diag_every workers wd inv_coef cov_coef std_coef""".split()
 )
@@ -207,7 +207,5 @@ def check_numbers(args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag(name)} must be a number >= 0, got {value}")
-    if args.partitions <= 0:
-        raise UsageError(f"--partitions must be positive, got {args.partitions}")
     if args.lr * args.batch_size / 256 > 1e30:
         raise UsageError(f"--lr {args.lr}: scaled by batch/256 it leaves the range of float32")

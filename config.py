@@ -26,7 +26,8 @@ def parse_proj(spec):
 
 DESCRIPTION = """decorr.py -- self-supervised pre-training with the decorrelation loss of Liu, Suganuma,
 Okatani, "Bridging the Gap from Asymmetry Tricks to Decorrelation Principles in Non-contrastive
-Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (--loss)."""
+Self-supervised Learning", NeurIPS 2022; Barlow Twins, VICReg, SimSiam and BYOL in the same harness
+(--loss)."""
 
 # Defaults that depend on the data: the paper's ImageNet recipe for image folders (sec. 5.1), a
 # CPU-sized demo for the built-in synthetic data, the usual CIFAR recipe for CIFAR.
@@ -41,10 +42,13 @@ LOSSES = dict(
     decorr=(dict(inv_coef=1.0, cov_coef=1.0), ("inv", "cov")),
     barlowtwins=(dict(cov_coef=0.0051), ("on_diag", "off_diag")),
     vicreg=(dict(inv_coef=25.0, std_coef=25.0, cov_coef=1.0), ("inv", "var", "cov")),
+    simsiam=(dict(optimizer="sgd"), ("sim_12", "sim_21")),
+    byol=(dict(tau_base=0.99), ("reg_12", "reg_21")),
 )
 # The flags that define what a run computes: a resumed run must keep them.
 RUN_DEFINING = """data arch proj img_size batch_size loss partitions seed no_std lr wd identity_predictor
-    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta epochs warmup_epochs amp""".split()
+    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta epochs warmup_epochs amp predictor optimizer
+    tau_base fix_pred_lr loss_scale lars_clip""".split()
 # The flags that apply to some losses only: given with another --loss, they would do nothing.
 APPLIES_TO = dict(
     partitions=("decorr",),
@@ -54,9 +58,12 @@ APPLIES_TO = dict(
     predictor_init=("decorr",),
     inv_coef=("decorr", "vicreg"),
     std_coef=("vicreg",),
+    predictor=("simsiam", "byol"),
+    fix_pred_lr=("simsiam", "byol"),
+    tau_base=("byol",),
 )
 # The numeric flags and the values they take.
-POSITIVE = ("epochs", "batch_size", "partitions", "img_size", "log_every", "lr", "lars_eta")
+POSITIVE = ("epochs", "batch_size", "partitions", "img_size", "log_every", "lr", "lars_eta", "loss_scale")
 NOT_NEGATIVE = (
     """steps warmup_epochs save_every_steps diag_every workers wd inv_coef cov_coef std_coef""".split()
 )
@@ -108,6 +115,31 @@ def add_arguments(p):
         help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)",
     )
     a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
+    a(
+        "--loss-scale",
+        type=float,
+        default=1.0,
+        help="the loss is multiplied by this (solo-learn's Barlow Twins: 0.1)",
+    )
+    a(
+        "--predictor",
+        choices=("mlp", "linear"),
+        default=None,
+        help="simsiam, byol: the method's MLP (default), or one D x D linear layer without bias",
+    )
+    a(
+        "--fix-pred-lr",
+        action="store_true",
+        help="simsiam, byol: the predictor keeps the base lr (no schedule)",
+    )
+    a("--tau-base", type=float, default=None, help="byol: the target's decay at step 0, rising to 1 (0.99)")
+    a(
+        "--optimizer",
+        choices=("lars", "sgd"),
+        default=None,
+        help="default: sgd for simsiam (momentum 0.9, weight decay on every parameter), else lars",
+    )
+    a("--lars-clip", action="store_true", help="LARS: the step is min(trust ratio, lr), apex LARC's clip")
     a("--no-std", action="store_true", help="Table 3: no standardization")
     a("--identity-predictor", action="store_true", help="Table 3: W fixed to I")
     a("--stopgrad", action="store_true", help="Table 3: StopGrad on the invariance targets")
@@ -159,6 +191,7 @@ def parse_args(argv=None):
     profile = profile_name(args.data)
     defaults = dict(PROFILES[profile], lars_eta=LARS_ETA[profile])
     defaults.update(amp="bf16" if bf16 else "none", workers=workers, predictor_init="identity")
+    defaults.update(optimizer="lars", predictor="mlp")
     defaults.update(LOSSES[args.loss][0])
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -193,6 +226,9 @@ def refuse_unused_flags(args):
             )
     if args.wandb_name is not None and args.wandb is None:
         raise UsageError("--wandb-name does nothing without --wandb PROJECT")
+    optimizer = args.optimizer or LOSSES[args.loss][0].get("optimizer", "lars")
+    if optimizer == "sgd" and (args.lars_eta is not None or args.lars_clip):
+        raise UsageError("--lars-eta and --lars-clip do nothing with --optimizer sgd")
     if args.identity_predictor and args.predictor_init is not None:
         raise UsageError("--predictor-init does nothing with --identity-predictor (W is I throughout)")
 
@@ -207,5 +243,7 @@ def check_numbers(args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag(name)} must be a number >= 0, got {value}")
+    if args.tau_base is not None and not 0 <= args.tau_base <= 1:
+        raise UsageError(f"--tau-base must be in [0, 1], got {args.tau_base}")
     if args.lr * args.batch_size / 256 > 1e30:
         raise UsageError(f"--lr {args.lr}: scaled by batch/256 it leaves the range of float32")

@@ -1,14 +1,16 @@
 """
 decorr.py -- self-supervised pre-training with the decorrelation loss of Liu, Suganuma, Okatani,
 "Bridging the Gap from Asymmetry Tricks to Decorrelation Principles in Non-contrastive
-Self-supervised Learning", NeurIPS 2022; Barlow Twins and VICReg as baselines (--loss).
+Self-supervised Learning", NeurIPS 2022; Barlow Twins, VICReg, and the asymmetric SimSiam and BYOL
+(baselines.py) in the same harness (--loss).
 
     backbone -> projector -> standardize (SyncBN, affine=False) -> linear predictor W
     loss = C_inv * ||W F1 - F2||^2 + C_cov / D * sum_parts ||W^T W - W C_part W^T||^2   (eq. 17, 19)
 
-Top to bottom: 1. the method: standardize, decorr_loss, the baselines  2. BatchNorm synchronised
-on CPUs  3. the model  4. LARS and the schedule  5. diagnostics  6. files  7. training.
-The data and the augmentation are in data.py, the command line and its checks in config.py.
+Top to bottom: 1. the method: standardize, decorr_loss, Barlow Twins and VICReg  2. the model
+3. LARS and the schedule  4. diagnostics  5. files  6. training. The data and the augmentation are
+in data.py, the command line and its checks in config.py, SimSiam, BYOL and the bridge's measures in
+baselines.py, the sums over processes and BatchNorm synchronised on CPUs in distributed.py.
     python decorr.py                     # synthetic data, under 10 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 decorr.py --data /imagenet --proj 8192-8192-8192
 """
@@ -30,63 +32,25 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from baselines import (
+    bridge_align,
+    bridge_dist,
+    byol_loss,
+    byol_predictor,
+    byol_tau,
+    ema_update,
+    linear_predictor,
+    make_target,
+    simsiam_loss,
+    simsiam_predictor,
+    simsiam_projector,
+)
 from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
 from curves import check_wandb, draw_curves, wandb_finish, wandb_images, wandb_log, wandb_start
 from data import UsageError, atomic_write, batches, eval_transform, load_data, rank_world
+from distributed import AllGather, AllReduce, batch_stats, global_sum, sync_batchnorm
 
 # ----------------------------------------------------------------------------- 1. the method
-
-
-class AllReduce(torch.autograd.Function):
-    """Sum over the ranks of `group`, and so is its backward: exact gradients under DDP's mean."""
-
-    @staticmethod
-    def forward(ctx, x, group=None):
-        ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad, ctx.group), None
-
-
-class AllGather(torch.autograd.Function):
-    """The rows of every rank of `group`; backward: my rows of the gradient summed over the ranks."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
-        dist.all_gather_single(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty(grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:])
-        dist.reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
-
-
-def global_sum(x):
-    """x summed over all ranks (with its gradient); x itself in one process."""
-    if rank_world()[1] > 1:
-        return AllReduce.apply(x, None)
-    return x
-
-
-def per_channel(v, ndim):
-    """A vector of channel values shaped to broadcast over a tensor of ndim dimensions (N, C, ...)."""
-    return v.view(-1, *[1] * (ndim - 2))
-
-
-def batch_stats(x, dims):
-    """Mean and biased variance over `dims` of the global batch (equal batches on all ranks)."""
-    world = rank_world()[1]
-    mean = global_sum(x.mean(dims)) / world
-    var = global_sum((x - per_channel(mean, x.dim())).pow(2).mean(dims)) / world
-    return mean, var
 
 
 def working_precision(*tensors):
@@ -236,46 +200,7 @@ def vicreg_loss(z1, z2, sim_coef=25.0, std_coef=25.0, cov_coef=1.0):
     return sim_coef * inv + std_coef * var + cov_coef * cov, inv, var, cov
 
 
-# ----------------------------------------------------------------------------- 2. SyncBatchNorm on CPU
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over all ranks, as standardize() (SyncBatchNorm refuses CPU tensors)."""
-
-    def _check_input_dim(self, x):
-        pass  # BatchNorm1d and 2d alike
-
-    def forward(self, x):
-        if not (self.training and rank_world()[1] > 1):
-            return super().forward(x)
-        xf = x.float()
-        mean, var = batch_stats(xf, [0, *range(2, x.dim())])
-        with torch.no_grad():
-            n = x.numel() // x.shape[1] * dist.get_world_size()
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
-            self.num_batches_tracked += 1
-        y = (xf - per_channel(mean, x.dim())) / torch.sqrt(per_channel(var, x.dim()) + self.eps)
-        if self.affine:
-            y = y * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
-        return y.to(x.dtype)
-
-
-def sync_batchnorm(module, device):
-    """Every BatchNorm synchronised across processes, as in the paper (sec. 5.1)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
-            bn.load_state_dict(child.state_dict())
-            setattr(module, name, bn)
-        else:
-            sync_batchnorm(child, device)
-    return module
-
-
-# ----------------------------------------------------------------------------- 3. the model
+# ----------------------------------------------------------------------------- 2. the model
 
 
 def build_backbone(arch, small_stem):
@@ -303,15 +228,20 @@ def build_projector(in_dim, dims):
 
 class Model(nn.Module):
     """Backbone -> projector -> the loss of --loss; forward(x1, x2) returns (loss, *terms). For
-    decorr, standardization and the predictor W; the baselines have no predictor."""
+    decorr, standardization and the predictor W; SimSiam and BYOL have a predictor (an MLP, or W with
+    --predictor linear), BYOL a target network; Barlow Twins and VICReg none."""
 
     def __init__(self, args):
         super().__init__()
         self.args = args
         self.backbone, dim = build_backbone(args.arch, small_stem=args.img_size <= 64)
         dims = parse_proj(args.proj)
-        self.projector = build_projector(dim, dims)
+        if args.loss == "simsiam":
+            self.projector = simsiam_projector(dim, dims)
+        else:
+            self.projector = build_projector(dim, dims)
         self.predictor = None
+        self.target = None
         if args.loss == "decorr":
             D = dims[-1]
             # The paper does not state W's init. Identity (default): W^T W = I, the loss's fixed point
@@ -320,8 +250,35 @@ class Model(nn.Module):
             if args.identity_predictor or args.predictor_init == "identity":
                 self.predictor.weight.data.copy_(torch.eye(D))
             self.predictor.weight.requires_grad_(not args.identity_predictor)  # Table 3: W fixed to I
+        if args.loss in ("simsiam", "byol"):
+            self.predictor = self.build_predictor(dims[-1])
+        if args.loss == "byol":  # the target network: backbone + projector, an average of the online ones
+            self.target = make_target(self.online())
+
+    def build_predictor(self, D):
+        if self.args.predictor == "linear":
+            return linear_predictor(D)
+        if self.args.loss == "simsiam":
+            return simsiam_predictor(D)
+        return byol_predictor(D)
+
+    def online(self):
+        """The network that BYOL's target averages: backbone and projector (as one module)."""
+        return nn.Sequential(self.backbone, self.projector)
+
+    def linear_weight(self):
+        """W of a linear predictor (decorr, or --predictor linear); None for an MLP or no predictor."""
+        if isinstance(self.predictor, nn.Linear):
+            return self.predictor.weight
+        return None
 
     def forward(self, x1, x2):
+        loss, *terms = self.method_loss(x1, x2)
+        if self.args.loss_scale != 1:  # solo-learn's recipe scales Barlow Twins' loss by 0.1
+            loss = loss * self.args.loss_scale
+        return loss, *terms
+
+    def method_loss(self, x1, x2):
         args = self.args
         f1 = self.projector(self.backbone(x1))  # BatchNorm statistics per view
         f2 = self.projector(self.backbone(x2))
@@ -329,6 +286,13 @@ class Model(nn.Module):
             return barlow_twins_loss(f1, f2, args.cov_coef)
         if args.loss == "vicreg":
             return vicreg_loss(f1, f2, args.inv_coef, args.std_coef, args.cov_coef)
+        if args.loss == "simsiam":
+            return simsiam_loss(self.predictor(f1), self.predictor(f2), f1, f2)
+        if args.loss == "byol":
+            with torch.no_grad():  # the target's BatchNorms in training mode, as the online ones
+                target1 = self.target(x1)
+                target2 = self.target(x2)
+            return byol_loss(self.predictor(f1), self.predictor(f2), target1, target2)
         if not args.no_std:
             f1 = standardize(f1)
             f2 = standardize(f2)
@@ -336,15 +300,17 @@ class Model(nn.Module):
         return decorr_loss(f1, f2, w, args.partitions, args.inv_coef, args.cov_coef, args.stopgrad)
 
 
-# ----------------------------------------------------------------------------- 4. LARS and the schedule
+# ----------------------------------------------------------------------------- 3. LARS and the schedule
 
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in Barlow Twins: momentum, eta 0.001; groups with lars=False
-    (biases, BatchNorm) get neither weight decay nor the trust ratio."""
+    (biases, BatchNorm) get neither weight decay nor the trust ratio. clip: the trust ratio r becomes
+    min(r / lr, 1), so a weight's step is min(r, lr) (g + wd w): apex LARC's clip mode, solo-learn's
+    clip_lr in its CIFAR recipes."""
 
-    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True)
+    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001, clip=False):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True, clip=clip)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -364,6 +330,8 @@ class LARS(torch.optim.Optimizer):
                 grad_norms = torch.stack(torch._foreach_norm(grads))
                 both_positive = (param_norms > 0) & (grad_norms > 0)
                 trust = torch.where(both_positive, group["eta"] * param_norms / grad_norms, 1.0)
+                if group["clip"] and group["lr"] > 0:
+                    trust = torch.clamp(trust / group["lr"], max=1.0)
                 torch._foreach_mul_(grads, list(trust.unbind()))
             momenta = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(momenta, group["momentum"])
@@ -372,12 +340,37 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(model, args):
-    """LARS on the weights; biases and BatchNorm parameters without weight decay or trust ratio."""
+    """LARS on the weights, biases and BatchNorm parameters without weight decay or trust ratio; or
+    (--optimizer sgd) SimSiam's SGD: momentum 0.9, weight decay on every parameter (main_simsiam.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    weights = [p for p in params if p.ndim > 1]
-    others = [p for p in params if p.ndim <= 1]
-    groups = [dict(params=weights), dict(params=others, lars=False, weight_decay=0.0)]
-    return LARS(groups, lr=0.0, weight_decay=args.wd, eta=args.lars_eta)
+    if args.optimizer == "sgd":
+        groups = [dict(params=params)]
+    else:
+        weights = [p for p in params if p.ndim > 1]
+        others = [p for p in params if p.ndim <= 1]
+        groups = [dict(params=weights), dict(params=others, lars=False, weight_decay=0.0)]
+    if args.fix_pred_lr:
+        groups = fixed_predictor_lr(groups, model.predictor, base_learning_rate(args))
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.wd)
+    return LARS(groups, lr=0.0, weight_decay=args.wd, eta=args.lars_eta, clip=args.lars_clip)
+
+
+def fixed_predictor_lr(groups, predictor, lr):
+    """SimSiam's --fix-pred-lr: each group split in two, the predictor's share keeps lr throughout."""
+    predictor_ids = {id(p) for p in predictor.parameters()}
+    split = []
+    for group in groups:
+        others = [p for p in group["params"] if id(p) not in predictor_ids]
+        mine = [p for p in group["params"] if id(p) in predictor_ids]
+        split.append(dict(group, params=others))
+        split.append(dict(group, params=mine, fixed_lr=lr))
+    return split
+
+
+def base_learning_rate(args):
+    """--lr scaled by batch/256 (the linear scaling rule of the paper and of every baseline)."""
+    return args.lr * args.batch_size / 256
 
 
 def learning_rate(step, total, warmup, base):
@@ -392,7 +385,7 @@ def train_step(model, opt, scaler, x1, x2, lr, amp):
     """One update at learning rate lr, forward under autocast(amp): (loss, *terms), not read back to the
     CPU (bench.py times this function)."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("fixed_lr", lr)
     with torch.autocast(x1.device.type, dtype=amp, enabled=amp is not None):
         loss, *terms = model(x1, x2)
     opt.zero_grad(set_to_none=True)
@@ -402,7 +395,7 @@ def train_step(model, opt, scaler, x1, x2, lr, amp):
     return loss, *terms
 
 
-# ----------------------------------------------------------------------------- 5. diagnostics
+# ----------------------------------------------------------------------------- 4. diagnostics
 
 
 def centred_unit(x, eps=1e-8):
@@ -473,12 +466,23 @@ def diagnostics(model, probe, bank, num_classes, amp=None):
         eff_rank_backbone=eff_rank(h),
         feat_std=z.std(0).mean().item(),
     )
-    if model.predictor is not None:  # decorr only
-        out["wp_offdiag"] = wp_offdiag(model.predictor.weight)
+    w = model.linear_weight()
+    if w is not None:  # a linear predictor: how W_p lines up with the second moment of its input
+        f = predictor_input(model.args, z)
+        out["wp_offdiag"] = wp_offdiag(w)
+        out["bridge_dist"] = bridge_dist(w, f)
+        out["bridge_align"] = bridge_align(w, f)
     predicted = knn_predict(h_bank, bank_y, h, num_classes).cpu()
     out["knn_top1"] = 100.0 * (predicted == probe_y).float().mean().item()
     model.train(was_training)
     return out
+
+
+def predictor_input(args, z):
+    """What a linear predictor sees: decorr's standardized projection (over this batch, eq. 33), else z."""
+    if args.loss == "decorr" and not args.no_std:
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    return z
 
 
 def wp_picture(w, size=256):
@@ -494,7 +498,7 @@ def wp_picture(w, size=256):
     return (rgb * 255).round().to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------- 6. files
+# ----------------------------------------------------------------------------- 5. files
 
 
 def append_jsonl(path, row):
@@ -546,7 +550,7 @@ def all_finite(model):
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-# ----------------------------------------------------------------------------- 7. training
+# ----------------------------------------------------------------------------- 6. training
 
 OUTPUTS = ("checkpoint.pt", "log.jsonl", "backbone.pt", "wp.png", "curves.png", "eval.jsonl", "wandb_id.txt")
 
@@ -604,6 +608,8 @@ def build_model(args, device, world):
         model = sync_batchnorm(model, device)
     model = model.to(device)
     model.backbone.to(memory_format=torch.channels_last)
+    if model.target is not None:
+        model.target.to(memory_format=torch.channels_last)
     return model
 
 
@@ -633,9 +639,9 @@ def read_device(loss, term_values, seen_bad, stop, device, world):
     return loss_value, values, bad_images, stopping
 
 
-def header_line(args, train, steps_per_epoch, world, device, has_predictor):
+def header_line(args, train, steps_per_epoch, world, device):
     parts = ""
-    if has_predictor:
+    if args.loss == "decorr":
         parts = f" | partitions {args.partitions} of {args.batch_size // args.partitions} images"
     compiled = " compile" if args.compile else ""
     stem = "CIFAR" if args.img_size <= 64 else "ImageNet"
@@ -655,7 +661,7 @@ def progress_line(epoch, args, step, last, loss_value, terms, lr, img_per_s, eta
 
 
 def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epoch, step):
-    """The diagnostics pass: a row in the log, a line on stdout, and wp.png for decorr."""
+    """The diagnostics pass: a row in the log, a line on stdout, and wp.png for a linear predictor."""
     started = time.time()
     values = diagnostics(raw_model, probe, bank, num_classes, amp)
     row = dict(epoch=epoch, step=step, **values, diag_s=time.time() - started)
@@ -664,8 +670,8 @@ def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epo
     if collapsing(values["feat_std"], values["eff_rank_proj"]):
         line += "  <- collapse?"
     print(line)
-    if raw_model.predictor:
-        pixels = wp_picture(raw_model.predictor.weight).permute(1, 2, 0).numpy()
+    if raw_model.linear_weight() is not None:
+        pixels = wp_picture(raw_model.linear_weight()).permute(1, 2, 0).numpy()
         picture = Image.fromarray(pixels)
         atomic_write(os.path.join(out, "wp.png"), lambda fh: picture.save(fh, format="PNG"))
     draw_curves(log_path, os.path.join(out, "curves.png"))
@@ -761,10 +767,10 @@ def main(argv=None):
     stop = catch_stop_signals()
 
     # the schedule
-    base_lr = args.lr * args.batch_size / 256
+    base_lr = base_learning_rate(args)
     terms = LOSSES[args.loss][1]
     amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
-    say(header_line(args, train, steps_per_epoch, world, device, raw_model.predictor is not None))
+    say(header_line(args, train, steps_per_epoch, world, device))
 
     started = time.time()
     last_log_time = started
@@ -784,6 +790,9 @@ def main(argv=None):
         epoch = step // steps_per_epoch
         lr = learning_rate(step, total, warmup, base_lr)
         loss, *term_values = train_step(model, opt, scaler, x1, x2, lr, amp)
+        if raw_model.target is not None:  # BYOL eq. 1, tau from BYOL sec. 3.3 at this step
+            tau = byol_tau(step, total, args.tau_base)
+            ema_update(raw_model.target, raw_model.online(), tau)
         step += 1
         log_now = step % args.log_every == 0 or step == last
         diagnose_now = step % (args.diag_every or steps_per_epoch) == 0 or step == last

@@ -756,9 +756,12 @@ class _Net(nn.Module):
         self.frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
 
 
+PLAIN_LARS = dict(optimizer="lars", fix_pred_lr=False, lars_clip=False)  # the flags' defaults
+
+
 def test_make_optimizer_groups():
     net = _Net()
-    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=1e-4, lars_eta=0.001))
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=1e-4, lars_eta=0.001, **PLAIN_LARS))
     lars = [gr for gr in opt.param_groups if gr["lars"]]
     plain = [gr for gr in opt.param_groups if not gr["lars"]]
     assert len(lars) == 1 and len(plain) == 1
@@ -773,7 +776,7 @@ def test_make_optimizer_groups():
 def test_lars_steps_match_hand_computation():
     net = _Net()
     wd, lr, mom, eta = 0.1, 0.5, 0.9, 0.001
-    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=wd, lars_eta=eta))
+    opt = decorr.make_optimizer(net, types.SimpleNamespace(wd=wd, lars_eta=eta, **PLAIN_LARS))
     for gr in opt.param_groups:
         gr["lr"] = lr
     with torch.no_grad():
@@ -859,7 +862,7 @@ def test_fp16_grad_scaler_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     nets = [_ScaledNet(), _ScaledNet()]
     nets[1].load_state_dict(nets[0].state_dict())
-    args = types.SimpleNamespace(wd=1e-4, lars_eta=0.02)
+    args = types.SimpleNamespace(wd=1e-4, lars_eta=0.02, **PLAIN_LARS)
     opt = decorr.make_optimizer(nets[0], args)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10, growth_interval=2)
     g = torch.Generator().manual_seed(30)

@@ -1,13 +1,17 @@
 """Tests for baselines.py: SimSiam's and BYOL's losses against transcriptions of their official code
 (facebookresearch/simsiam main_simsiam.py and builder.py; deepmind-research byol/utils/helpers.py
 and byol/byol_experiment.py), the predictor heads, BYOL's target network, and the bridge measures.
-Float64, small sizes; the whole file runs in seconds on a 2-core CPU.
+Float64, small sizes. Then both methods through decorr.py: training with either predictor, 1 process
+against 2, BYOL's stop-and-continue and its target's update.
 
     python -m pytest -q test_baselines.py
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +20,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import baselines
+import config
+import decorr
+import lineval
 from conftest import init_gloo
+from test_cli import ROOT, SMALL_IP, TORCHRUN, assert_same_losses, in_process, rows, small_synthetic
+
+LOSSES_TERMS = {name: terms for name, (_, terms) in config.LOSSES.items()}
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -427,3 +437,156 @@ def test_two_processes_equal_one(two_process_results, name):
         assert_close(result["grads"][0] / world, grads[0][rows], 1e-9, f"{name}: rank {rank} h1 grad")
         assert_close(result["grads"][1] / world, grads[1][rows], 1e-9, f"{name}: rank {rank} h2 grad")
         assert result["grads"][3] is None and result["grads"][4] is None, f"{name}: z got a gradient"
+
+
+# ----------------------------------------------------------------------------- through decorr.py
+# SimSiam and BYOL, each with its MLP and with the linear predictor, trained by decorr.main on the
+# in-process data of test_cli.py (512 training images of 16 px), on one process and under torchrun.
+
+ASYMMETRIC = {
+    "simsiam-mlp": ["--loss", "simsiam", "--lr", "5"],
+    "simsiam-linear": ["--loss", "simsiam", "--predictor", "linear", "--lr", "5"],
+    "byol-mlp": ["--loss", "byol", "--lr", "1.0"],
+    "byol-linear": ["--loss", "byol", "--predictor", "linear", "--lr", "1.0"],
+}
+ASYMMETRIC_RUN = SMALL_IP + ["--epochs", "1", "--warmup-epochs", "0", "--diag-every", "3"]
+BRIDGE_KEYS = {"wp_offdiag", "bridge_dist", "bridge_align"}
+
+# decorr.main under torchrun on the same in-process data.
+TWO_RANKS = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+import data, decorr
+sets = [TensorDataset(*data.synthetic_images(n, seed, size=16)) for n, seed in ((512, 0), (64, 1))]
+decorr.load_data = lambda name, root="data": (*sets, 10, True)
+decorr.main(sys.argv[1:])
+dist.destroy_process_group()
+"""
+
+
+def comparable(rows):
+    """A log's rows without the wall-clock fields."""
+    return [{k: v for k, v in row.items() if k not in ("img_per_s", "diag_s")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def asymmetric_run(tmp_path_factory):
+    """asymmetric_run(name): the output folder of a 6-step run of ASYMMETRIC[name] on one process,
+    made once and shared by the tests."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name) / "out"
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                in_process(monkeypatch, ASYMMETRIC_RUN + ASYMMETRIC[name] + ["--steps", "6", "--out", out])
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(ASYMMETRIC))
+def test_asymmetric_trains(name, asymmetric_run, capsys, monkeypatch):
+    """--loss simsiam / byol with either predictor: the loss falls, rows carry the method's terms,
+    the diagnostics hold the bridge's measures (and wp.png is drawn) exactly when W is linear, the
+    checkpoint holds BYOL's target, and lineval.py reads the backbone."""
+    out = asymmetric_run(name)
+    loss = name.split("-")[0]
+    linear = name.endswith("linear")
+    terms = LOSSES_TERMS[loss]
+    train = [row for row in rows(out) if "loss" in row]
+    assert [row["step"] for row in train] == list(range(1, 7))
+    for row in train:
+        assert {"loss", *terms} <= row.keys() and all(math.isfinite(row[k]) for k in ("loss", *terms))
+    losses = [row["loss"] for row in train]
+    if loss == "simsiam":  # -(sim_12 + sim_21) / 2 in [-1, 1]
+        assert all(-1 <= x <= 1 for x in losses) and sum(losses[3:]) / 3 < sum(losses[:3]) / 3 - 0.01
+        assert all(math.isclose(r["loss"], -(r["sim_12"] + r["sim_21"]) / 2, abs_tol=1e-6) for r in train)
+    else:  # the sum of two regression losses, each in [0, 4]
+        assert all(0 <= x <= 8 for x in losses) and sum(losses[3:]) < 0.95 * sum(losses[:3]), losses
+        assert all(math.isclose(r["loss"], r["reg_12"] + r["reg_21"], rel_tol=1e-6) for r in train)
+    diagnostics = [row for row in rows(out) if "corr_dist" in row]
+    assert [row["step"] for row in diagnostics] == [3, 6]
+    for row in diagnostics:
+        if linear:
+            assert BRIDGE_KEYS <= row.keys(), row
+            assert 0 <= row["bridge_dist"] <= 2 and 0 <= row["bridge_align"] <= 1, row
+        else:
+            assert not BRIDGE_KEYS & row.keys(), row
+    assert (out / "wp.png").exists() == linear
+    state = decorr.load_checkpoint(out / "checkpoint.pt")["model"]
+    target = sorted(k.removeprefix("target.1.") for k in state if k.startswith("target.1."))
+    assert bool(target) == (loss == "byol")
+    if target:  # the target: backbone and projector, with their BatchNorm buffers
+        assert target == sorted(k.removeprefix("projector.") for k in state if k.startswith("projector."))
+        assert any(k.startswith("target.0.") and k.endswith("running_mean") for k in state)
+    if linear:
+        assert state["predictor.weight"].shape == (32, 32) and "predictor.bias" not in state
+    monkeypatch.setattr(lineval, "load_data", lambda name, root="data": small_synthetic(512))
+    lineval.main([str(out / "backbone.pt"), "--fast-epochs", "5", "--workers", "0"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ckpt"] == str(out / "backbone.pt") and result["n_train"] == 512
+    assert 0 <= result["top1"] <= result["top5"] <= 100, result
+
+
+@pytest.mark.parametrize("name", list(ASYMMETRIC))
+def test_asymmetric_two_processes_equal_one(name, asymmetric_run, tmp_path):
+    """The same run on 2 processes (torchrun, gloo) logs the first two steps' losses and terms of one
+    process to 1e-4: the BatchNorms of the predictor and of BYOL's target are synchronised too."""
+    script, double = tmp_path / "two_ranks.py", tmp_path / "double"
+    script.write_text(TWO_RANKS)
+    args = ASYMMETRIC_RUN + ASYMMETRIC[name] + ["--steps", "2"]
+    command = [sys.executable, *TORCHRUN[:-1], str(script), str(ROOT), *args, "--out", str(double)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert_same_losses(asymmetric_run(name), double, LOSSES_TERMS[name.split("-")[0]], steps=2)
+
+
+def test_byol_stop_and_continue_equals_uninterrupted(asymmetric_run, tmp_path, monkeypatch):
+    """BYOL stopped after step 3 and continued to step 6 logs what the 6-step run logs, and ends with
+    the same online and target weights: the target, its BatchNorm buffers and tau's step resume."""
+    args = ASYMMETRIC_RUN + ASYMMETRIC["byol-mlp"]
+    whole, parts = asymmetric_run("byol-mlp"), tmp_path / "parts"
+    in_process(monkeypatch, args + ["--steps", "3", "--out", parts])
+    in_process(monkeypatch, args + ["--steps", "6", "--out", parts])
+    assert comparable(rows(whole)) == comparable(rows(parts))
+    a = decorr.load_checkpoint(whole / "checkpoint.pt")["model"]
+    b = decorr.load_checkpoint(parts / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys() and any(k.startswith("target.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_target_follows_the_online_network_by_tau(monkeypatch, tmp_path):
+    """After each step t (from 0) of a K-step run, the target's parameters are tau_t target +
+    (1 - tau_t) online with tau_t = byol_tau(t, K, tau_base), K the run's epochs in steps (not
+    --steps); its BatchNorm running statistics are its own (not the online network's)."""
+    seen = []
+
+    def record(train_step, i, model, *args):
+        before = [p.detach().clone() for p in model.target.parameters()]
+        result = train_step(model, *args)
+        seen.append((before, [p.detach().clone() for p in model.online().parameters()], model))
+        return result
+
+    out = tmp_path / "out"
+    in_process(
+        monkeypatch,
+        ASYMMETRIC_RUN + ASYMMETRIC["byol-mlp"] + ["--steps", "2", "--tau-base", "0.9", "--out", out],
+        wrap_step=record,
+    )
+    total = 512 // 16  # one epoch of 512 images in batches of 16
+    model = seen[-1][2]
+    state = decorr.load_checkpoint(out / "checkpoint.pt")["model"]
+    for t, (before, online, _) in enumerate(seen):
+        tau = baselines.byol_tau(t, total, 0.9)
+        if t + 1 < len(seen):
+            after = seen[t + 1][0]
+        else:
+            after = list(model.target.parameters())
+        for old, new, theta in zip(before, after, online, strict=True):
+            torch.testing.assert_close(new, tau * old + (1 - tau) * theta, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(state["target.1.1.running_mean"], state["projector.1.running_mean"])

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import baselines
 import decorr
 from conftest import init_gloo
 
@@ -803,6 +804,73 @@ def test_lars_steps_match_hand_computation():
     assert torch.equal(net.bn.weight.detach(), torch.ones(1)) and torch.equal(
         net.bn.bias.detach(), torch.zeros(1)
     )
+
+
+@pytest.mark.parametrize("lr", [0.5, 1e-3])
+def test_lars_clip_matches_hand_computation(lr):
+    """--lars-clip (apex LARC's clip mode, solo-learn's clip_lr): the trust ratio r becomes
+    min(r / lr, 1), so the weight moves by min(r, lr) (g + wd w) (momentum aside); at lr 0.5 the
+    ratio is below lr (r = 0.0025), at lr 1e-3 above it (the step is plain lr (g + wd w))."""
+    net = _Net()
+    wd, mom, eta = 0.1, 0.9, 0.001
+    args = types.SimpleNamespace(wd=wd, lars_eta=eta, **dict(PLAIN_LARS, lars_clip=True))
+    opt = decorr.make_optimizer(net, args)
+    for gr in opt.param_groups:
+        gr["lr"] = lr
+    with torch.no_grad():
+        net.lin.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    w = np.array([3.0, 4.0])
+    mu_w = np.zeros(2)
+    for gw in ([1.0, -2.0], [-0.25, 0.75]):
+        gw = np.array(gw)
+        net.lin.weight.grad = torch.from_numpy(gw).float().unsqueeze(0)
+        opt.step()
+        d = gw + wd * w
+        trust = eta * np.linalg.norm(w) / np.linalg.norm(d)
+        d = d * min(trust / lr, 1.0)
+        mu_w = mom * mu_w + d
+        w = w - lr * mu_w
+        np.testing.assert_allclose(net.lin.weight.detach().numpy()[0], w, rtol=1e-6)
+
+
+def test_sgd_decays_every_parameter():
+    """--optimizer sgd (SimSiam's main_simsiam.py): one group, every trainable parameter (biases and
+    BatchNorm included) with weight decay, momentum 0.9; the update is torch's SGD."""
+    net = _Net()
+    args = types.SimpleNamespace(wd=1e-4, lars_eta=None, **dict(PLAIN_LARS, optimizer="sgd"))
+    opt = decorr.make_optimizer(net, args)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    ids = {id(p) for p in group["params"]}
+    assert ids == {id(p) for p in (net.lin.weight, net.lin.bias, net.bn.weight, net.bn.bias)}
+    assert (group["weight_decay"], group["momentum"], group["nesterov"]) == (1e-4, 0.9, False)
+
+
+def test_fix_pred_lr_keeps_the_predictors_lr():
+    """--fix-pred-lr (SimSiam's official flag): the predictor's parameters sit in groups that keep the
+    base lr (--lr x batch/256) whatever lr train_step is given; every other parameter takes it."""
+    args = decorr.parse_args(["--loss", "simsiam", "--proj", "16-8", "--batch-size", "8", "--amp", "none"])
+    args.fix_pred_lr = True
+    torch.manual_seed(0)
+    model = decorr.Model(args)
+    opt = decorr.make_optimizer(model, args)
+    base = args.lr * 8 / 256
+    predictor = {id(p) for p in model.predictor.parameters()}
+    fixed = [g for g in opt.param_groups if "fixed_lr" in g]
+    assert {id(p) for g in fixed for p in g["params"]} == predictor
+    assert all(g["fixed_lr"] == base for g in fixed)
+    x1, x2 = torch.randn(2, 8, 3, 32, 32)
+    decorr.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), x1, x2, 0.001, None)
+    for group in opt.param_groups:
+        assert group["lr"] == (base if "fixed_lr" in group else 0.001)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+
+
+def test_asymmetric_losses_importable_from_decorr():
+    """simsiam_loss and byol_loss are importable from decorr, beside its own and the symmetric ones."""
+    assert decorr.simsiam_loss is baselines.simsiam_loss and decorr.byol_loss is baselines.byol_loss
+    assert all(callable(f) for f in (decorr.decorr_loss, decorr.barlow_twins_loss, decorr.vicreg_loss))
 
 
 def test_lars_zero_parameter_uses_unit_trust_ratio():

@@ -134,6 +134,16 @@ def test_weights_checked_before_a_checkpoint(tmp_path, monkeypatch):
         (["--loss", "barlowtwins", "--predictor-init", "random"], "--predictor-init does nothing"),
         (["--identity-predictor", "--predictor-init", "random"], "--predictor-init does nothing"),
         (["--wandb-name", "x"], "--wandb-name does nothing without --wandb"),
+        (["--predictor", "linear"], "--predictor does nothing with --loss decorr"),
+        (["--loss", "vicreg", "--fix-pred-lr"], "--fix-pred-lr does nothing with --loss vicreg"),
+        (["--loss", "simsiam", "--tau-base", "0.9"], "--tau-base does nothing with --loss simsiam"),
+        (["--loss", "byol", "--tau-base", "1.5"], "--tau-base must be in [0, 1]"),
+        (["--loss", "byol", "--loss-scale", "0"], "--loss-scale must be a positive number"),
+        (
+            ["--loss", "simsiam", "--lars-eta", "0.02"],
+            "--lars-eta and --lars-clip do nothing with --optimizer sgd",
+        ),
+        (["--optimizer", "sgd", "--lars-clip"], "--lars-eta and --lars-clip do nothing with --optimizer sgd"),
     ],
 )
 def test_bad_flags_are_refused(flags, words):
@@ -149,6 +159,17 @@ def test_bad_flags_exit_2_before_anything_is_written(tmp_path, flags):
     line = refused(run(TINY + ["--out", out] + flags, timeout=60))
     assert line.startswith("decorr.py: error: --")
     assert not out.exists()
+
+
+def test_per_method_defaults():
+    """SimSiam trains with SGD unless told otherwise (its official recipe), the others with LARS;
+    BYOL's target starts at tau 0.99; the asymmetric methods default to their MLP predictors."""
+    simsiam = config.parse_args(["--loss", "simsiam"])
+    assert (simsiam.optimizer, simsiam.predictor, simsiam.tau_base) == ("sgd", "mlp", None)
+    assert config.parse_args(["--loss", "simsiam", "--optimizer", "lars"]).optimizer == "lars"
+    byol = config.parse_args(["--loss", "byol"])
+    assert (byol.optimizer, byol.predictor, byol.tau_base, byol.loss_scale) == ("lars", "mlp", 0.99, 1.0)
+    assert config.parse_args([]).optimizer == "lars" and not config.parse_args([]).lars_clip
 
 
 def test_default_partitions_follow_the_batch_not_the_processes(monkeypatch):

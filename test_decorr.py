@@ -965,3 +965,70 @@ def test_fp16_grad_scaler_checkpoint_round_trip(tmp_path):
             assert torch.equal(a, b)
     # the restored growth tracker (1) and interval (2): the first clean step grows the scale
     assert after == [(2.0**11, 0, True), (2.0**10, 0, False), (2.0**10, 1, True), (2.0**11, 0, True)]
+
+
+# ----------------------------------------------------------------------------- the asymmetric methods' model
+
+
+def tiny_args(*flags):
+    return decorr.parse_args(["--proj", "16-8", "--batch-size", "8", "--amp", "none", *flags])
+
+
+def test_model_heads_per_method():
+    """Each --loss gets its heads: SimSiam's projector ends in BatchNorm1d(affine=False) and its MLP
+    predictor is the D -> D/4 -> D bottleneck; BYOL's MLP predictor is D -> 4096 -> D and its target a
+    frozen copy of backbone + projector; --predictor linear is one D x D layer without bias; the
+    symmetric losses have no predictor."""
+    simsiam = decorr.Model(tiny_args("--loss", "simsiam", "--proj", "16-16-8"))
+    last = simsiam.projector[-1]
+    assert isinstance(last, nn.BatchNorm1d) and not last.affine and last.num_features == 8
+    assert [m.out_features for m in simsiam.predictor if isinstance(m, nn.Linear)] == [2, 8]
+    assert simsiam.target is None and simsiam.linear_weight() is None
+    byol = decorr.Model(tiny_args("--loss", "byol"))
+    assert [m.out_features for m in byol.predictor if isinstance(m, nn.Linear)] == [4096, 8]
+    online = byol.online().state_dict()
+    target = byol.target.state_dict()
+    assert online.keys() == target.keys() and all(torch.equal(online[k], target[k]) for k in online)
+    assert not any(p.requires_grad for p in byol.target.parameters())
+    for loss in ("simsiam", "byol"):
+        model = decorr.Model(tiny_args("--loss", loss, "--predictor", "linear"))
+        assert isinstance(model.predictor, nn.Linear) and model.predictor.bias is None
+        assert model.linear_weight() is model.predictor.weight and model.predictor.weight.shape == (8, 8)
+    for loss in ("barlowtwins", "vicreg"):
+        assert decorr.Model(tiny_args("--loss", loss)).predictor is None
+
+
+def test_loss_scale_scales_the_loss_not_its_terms():
+    """--loss-scale 0.1 (solo-learn's Barlow Twins): the loss optimised is 0.1 x the method's, the
+    terms logged are the method's."""
+    x1, x2 = torch.randn(2, 8, 3, 32, 32)
+    values = []
+    for scale in ("1", "0.1"):
+        torch.manual_seed(0)
+        model = decorr.Model(tiny_args("--loss", "barlowtwins", "--loss-scale", scale))
+        values.append([t.item() for t in model(x1, x2)])
+    (loss, *terms), (scaled, *scaled_terms) = values
+    assert scaled == pytest.approx(0.1 * loss, rel=1e-6) and scaled_terms == terms
+
+
+def test_bridge_in_diagnostics_by_hand():
+    """The diagnostics' bridge_dist and bridge_align are baselines' measures of W and the predictor's
+    input on the probe batch in eval mode: decorr's projection standardized over the batch (eq. 33),
+    SimSiam's and BYOL's projection as it is; a model with an MLP predictor logs neither."""
+    g = torch.Generator().manual_seed(3)
+    probe = (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g))
+    bank = (torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 4, (24,), generator=g))
+    for flags in (["--predictor-init", "random"], ["--loss", "simsiam", "--predictor", "linear"]):
+        torch.manual_seed(0)
+        model = decorr.Model(tiny_args(*flags))
+        out = decorr.diagnostics(model, probe, bank, 4)
+        model.eval()
+        with torch.no_grad():
+            z = model.projector(model.backbone(probe[0]))
+        if model.args.loss == "decorr":
+            z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+        w = model.predictor.weight
+        assert out["bridge_dist"] == pytest.approx(baselines.bridge_dist(w, z), rel=1e-5)
+        assert out["bridge_align"] == pytest.approx(baselines.bridge_align(w, z), rel=1e-5)
+    mlp = decorr.diagnostics(decorr.Model(tiny_args("--loss", "byol")), probe, bank, 4)
+    assert not {"bridge_dist", "bridge_align", "wp_offdiag"} & mlp.keys()

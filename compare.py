@@ -131,9 +131,17 @@ def number(value, digits):
     return f"{value:.{digits}f}"
 
 
+def table_order(row):
+    """The table's order: RUNS' order, each method's lrs as listed, the random network last."""
+    for index, (name, _, _, lrs, _) in enumerate(RUNS):
+        if row["name"] == name and row["lr"] in lrs:
+            return index, lrs.index(row["lr"])
+    return len(RUNS), 0
+
+
 def table(rows):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
+    for row in sorted(rows, key=table_order):
         wall = "-" if row["train_s"] is None else f"{row['train_s']} s"
         cells = [
             row["name"],

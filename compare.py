@@ -10,7 +10,8 @@ network is the floor. One command makes the README's table:
     python compare.py --only simsiam byol   # some methods only (names as in the table's first column)
 
 OUT/NAME/ holds each run (decorr.py's outputs and lineval's eval.jsonl); OUT/results.jsonl one row
-per finished run; OUT/table.md the table. A run whose row is in results.jsonl is not redone, and a
+per finished run; OUT/table.md the table; OUT/bridge.png the linear predictors' bridge_dist and
+bridge_align against the step. A run whose row is in results.jsonl is not redone, and a
 run that was stopped resumes from its checkpoint: a stopped comparison continues where it was.
 """
 
@@ -156,6 +157,32 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
+def draw_bridge(args, png_path):
+    """bridge_dist and bridge_align against the step for every run of a linear predictor, at its
+    recipe lr (the first of its lrs): the README's picture of the bridge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 2)
+    for name, _, _, lrs, _ in RUNS:
+        log_path = os.path.join(args.out, f"{name}_lr{lrs[0]}", "log.jsonl")
+        rows = [row for row in read_rows(log_path) if "bridge_dist" in row]
+        if not rows:
+            continue
+        steps = [row["step"] for row in rows]
+        for axes, key in zip(panels, ("bridge_dist", "bridge_align")):
+            axes.plot(steps, [row[key] for row in rows], marker=".", label=f"{name}, lr {lrs[0]}")
+    for axes, key in zip(panels, ("bridge_dist (0: W^T W proportional to F)", "bridge_align (1: aligned)")):
+        axes.set_title(key, fontsize=9)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=8)
+    panels[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png_path, format="png")
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -178,6 +205,7 @@ def main(argv=None):
     text = table(read_rows(results_path))
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text)
+    draw_bridge(args, os.path.join(args.out, "bridge.png"))
     print(text)
 
 

@@ -80,6 +80,7 @@ def test_compare_runs_every_method_and_lr_then_the_floor(monkeypatch, tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| run | lr | probe top-1") and len(table) == 2 + 4
     assert table[-1].startswith("| random init | - |")
+    assert (out / "bridge.png").read_bytes().startswith(b"\x89PNG")
     calls.clear()
     compare.main(["--epochs", "1", "--out", str(out)])
     assert calls == [] and (out / "table.md").read_text().splitlines() == table

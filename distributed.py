@@ -102,6 +102,8 @@ def sync_batchnorm(module, device):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             bn = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
             bn.load_state_dict(child.state_dict())
+            for name_in_bn, parameter in bn.named_parameters():  # a frozen one (BYOL's target) stays so
+                parameter.requires_grad_(getattr(child, name_in_bn).requires_grad)
             setattr(module, name, bn)
         else:
             sync_batchnorm(child, device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import baselines
 import decorr
+import distributed
 from conftest import init_gloo
 
 # ----------------------------------------------------------------------------- helpers
@@ -1032,3 +1033,16 @@ def test_bridge_in_diagnostics_by_hand():
         assert out["bridge_align"] == pytest.approx(baselines.bridge_align(w, z), rel=1e-5)
     mlp = decorr.diagnostics(decorr.Model(tiny_args("--loss", "byol")), probe, bank, 4)
     assert not {"bridge_dist", "bridge_align", "wp_offdiag"} & mlp.keys()
+
+
+def test_sync_batchnorm_keeps_frozen_parameters_frozen():
+    """CPU SyncBatchNorm replaces each BatchNorm by a new module: a parameter that did not train (BYOL's
+    target) must not start to (DDP would wait for its gradient, the optimiser would decay it)."""
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    trained = nn.Sequential(nn.BatchNorm1d(4))
+    converted = decorr.sync_batchnorm(nn.ModuleList([frozen, trained]), torch.device("cpu"))
+    assert isinstance(converted[0][1], distributed.CPUSyncBatchNorm)
+    assert not any(p.requires_grad for p in converted[0].parameters())
+    assert all(p.requires_grad for p in converted[1].parameters())

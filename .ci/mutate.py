@@ -273,12 +273,12 @@ MUTATIONS = [
         ["test_baselines.py::test_target_follows_the_online_network_by_tau"],
     ),
     (
-        "target-grad",
-        "decorr.py",
-        "the target's forward outside no_grad (its weights would train through the loss's own detach only)",
-        "            with torch.no_grad():  # the target's BatchNorms",
-        "            with torch.enable_grad():  # the target's BatchNorms",
-        ["test_baselines.py::test_asymmetric_trains"],
+        "frozen-bn-trains",
+        "distributed.py",
+        "CPU SyncBatchNorm makes BYOL's frozen target BatchNorm parameters trainable",
+        "parameter.requires_grad_(getattr(child, name_in_bn).requires_grad)",
+        "parameter.requires_grad_(True)",
+        ["test_decorr.py::test_sync_batchnorm_keeps_frozen_parameters_frozen"],
     ),
     (
         "fixed-lr-ignored",

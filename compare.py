@@ -6,7 +6,7 @@ linear predictor of the paper's bridge. Every run is reported: linear probe top-
 network is the floor. One command makes the README's table:
 
     python compare.py                       # 2 epochs a run, 13 runs: see README.md for the time
-    python compare.py --epochs 8 --out compare8      # the .ci/gpu step
+    python compare.py --epochs 6 --out compare6      # the .ci/gpu step
     python compare.py --only simsiam byol   # some methods only (names as in the table's first column)
 
 OUT/NAME/ holds each run (decorr.py's outputs and lineval's eval.jsonl); OUT/results.jsonl one row

@@ -22,6 +22,9 @@ import subprocess
 import sys
 import time
 
+from config import Parser
+from data import UsageError
+
 # The recipes, adapted to the built-in data (ResNet-18 with the CIFAR stem, 32 px, batch 256).
 # (name, --loss, flags, [recipe lr, second lr], where the settings come from)
 DECORR = []  # decorr.py's small-data profile: 4096-256, LARS eta 0.02, wd 1e-4
@@ -42,12 +45,17 @@ COLUMNS = "run | lr | probe top-1 (top-5) | 20-NN | corr_dist | bridge_dist | wa
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=2, help="the image budget of every run, in epochs")
     p.add_argument("--out", default="compare", help="folder of the runs, results.jsonl and table.md")
     p.add_argument("--diag-every", type=int, default=5, help="diagnostics every N steps")
     p.add_argument("--only", nargs="+", default=None, help="run these names only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    names = [run[0] for run in RUNS]
+    unknown = [name for name in args.only or [] if name not in names]
+    if unknown:
+        p.error(f"--only {' '.join(unknown)}: no such run (the runs: {' '.join(names)})")
+    return args
 
 
 def read_rows(path):
@@ -70,8 +78,8 @@ def run_command(command, log_path):
     with open(log_path, "a") as fh:
         fh.write(result.stdout + result.stderr)
     if result.returncode != 0:
-        print(result.stderr.strip().splitlines()[-1:], file=sys.stderr)
-        sys.exit(f"compare.py: {command[1]} failed (exit {result.returncode}); see {log_path}")
+        reason = (result.stderr.strip().splitlines() or [""])[-1]
+        sys.exit(f"compare.py: {command[1]} failed (exit {result.returncode}: {reason}); see {log_path}")
     return result.stdout, time.time() - started
 
 
@@ -210,4 +218,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as e:
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -8,12 +8,14 @@ builds), on 64 training images of 16 px, with a tiny projector.
 import contextlib
 import io
 import json
+import subprocess
+import sys
 
 import compare
 import decorr
 import lineval
 from conftest import run_main
-from test_cli import small_synthetic
+from test_cli import ROOT, small_synthetic
 
 TINY = ["--batch-size", "16", "--proj", "32-32", "--img-size", "16", "--amp", "none", "--workers", "0"]
 RUNS = [
@@ -84,3 +86,15 @@ def test_compare_runs_every_method_and_lr_then_the_floor(monkeypatch, tmp_path):
     calls.clear()
     compare.main(["--epochs", "1", "--out", str(out)])
     assert calls == [] and (out / "table.md").read_text().splitlines() == table
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    """An unknown --only name is refused before anything runs: one line on stderr, exit 2."""
+    command = [sys.executable, "compare.py", "--only", "simclr", "--out", str(tmp_path / "cmp")]
+    p = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.splitlines() == [
+        "compare.py: error: --only simclr: no such run (the runs: decorr barlowtwins vicreg simsiam byol "
+        "simsiam-linear byol-linear)"
+    ]
+    assert not (tmp_path / "cmp").exists()

@@ -24,6 +24,7 @@ import time
 
 from config import Parser
 from data import UsageError
+from decorr import read_jsonl
 
 # The recipes, adapted to the built-in data (ResNet-18 with the CIFAR stem, 32 px, batch 256).
 # (name, --loss, flags, [recipe lr, second lr], where the settings come from)
@@ -58,13 +59,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.endswith("}\n")]
-
-
 def last_json_line(text):
     lines = [line for line in text.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
@@ -94,7 +88,7 @@ def train_and_evaluate(name, loss, flags, lr, args):
     _, train_s = run_command(train, log_path)
     stdout, _ = run_command([sys.executable, "lineval.py", folder, "--knn", "20"], log_path)
     evaluation = last_json_line(stdout)
-    diagnostics = [row for row in read_rows(os.path.join(folder, "log.jsonl")) if "corr_dist" in row]
+    diagnostics = [row for row in read_jsonl(os.path.join(folder, "log.jsonl")) if "corr_dist" in row]
     last = diagnostics[-1]
     return dict(
         name=name,
@@ -176,7 +170,7 @@ def draw_bridge(args, png_path):
     panels = figure.subplots(1, 2)
     for name, _, _, lrs, _ in RUNS:
         log_path = os.path.join(args.out, f"{name}_lr{lrs[0]}", "log.jsonl")
-        rows = [row for row in read_rows(log_path) if "bridge_dist" in row]
+        rows = [row for row in read_jsonl(log_path) if "bridge_dist" in row]
         if not rows:
             continue
         steps = [row["step"] for row in rows]
@@ -195,7 +189,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
-    done = {(row["name"], row["lr"]) for row in read_rows(results_path)}
+    done = {(row["name"], row["lr"]) for row in read_jsonl(results_path)}
     for choice in (0, 1):  # every recipe lr first, then the second ones
         for name, loss, flags, lrs, source in RUNS:
             if choice >= len(lrs) or (args.only and name not in args.only):
@@ -210,7 +204,7 @@ def main(argv=None):
     if ("random init", None) not in done:
         with open(results_path, "a") as fh:
             fh.write(json.dumps(random_floor(args)) + "\n")
-    text = table(read_rows(results_path))
+    text = table(read_jsonl(results_path))
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text)
     draw_bridge(args, os.path.join(args.out, "bridge.png"))

@@ -47,8 +47,8 @@ LOSSES = dict(
 )
 # The flags that define what a run computes: a resumed run must keep them.
 RUN_DEFINING = """data arch proj img_size batch_size loss partitions seed no_std lr wd identity_predictor
-    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta epochs warmup_epochs amp predictor optimizer
-    tau_base fix_pred_lr loss_scale lars_clip""".split()
+    predictor_init stopgrad inv_coef cov_coef std_coef lars_eta epochs warmup_epochs warmup_steps amp
+    predictor optimizer tau_base fix_pred_lr loss_scale lars_clip""".split()
 # The flags that apply to some losses only: given with another --loss, they would do nothing.
 APPLIES_TO = dict(
     partitions=("decorr",),
@@ -64,9 +64,8 @@ APPLIES_TO = dict(
 )
 # The numeric flags and the values they take.
 POSITIVE = ("epochs", "batch_size", "partitions", "img_size", "log_every", "lr", "lars_eta", "loss_scale")
-NOT_NEGATIVE = (
-    """steps warmup_epochs save_every_steps diag_every workers wd inv_coef cov_coef std_coef""".split()
-)
+NOT_NEGATIVE = """steps warmup_epochs warmup_steps save_every_steps diag_every workers wd inv_coef cov_coef
+    std_coef""".split()
 
 
 class Parser(argparse.ArgumentParser):
@@ -99,7 +98,18 @@ def add_arguments(p):
         default=None,
         help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)",
     )
-    a("--warmup-epochs", type=int, default=10, help="at most a tenth of the run")
+    a(
+        "--warmup-epochs",
+        type=int,
+        default=10,
+        help="at most a tenth of the run; its first step at lr/warm-up",
+    )
+    a(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="instead of --warmup-epochs: a warm-up of N steps from lr 0 (Barlow Twins, VICReg), any length",
+    )
     a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
     a(
         "--partitions",

@@ -373,10 +373,12 @@ def base_learning_rate(args):
     return args.lr * args.batch_size / 256
 
 
-def learning_rate(step, total, warmup, base):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+def learning_rate(step, total, warmup, base, from_zero=False):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`. The warm-up's first step
+    runs at base / warmup, or at 0 with from_zero (--warmup-steps, as Barlow Twins' and VICReg's main.py)."""
     if step < warmup:
-        return base * (step + 1) / warmup
+        reached = step if from_zero else step + 1
+        return base * reached / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -597,6 +599,9 @@ def check_data(args, train, small, device):
         raise UsageError(f"--img-size {args.img_size}: in-memory images train at their size, {side}")
     if args.compile and device.type != "cuda":
         raise UsageError("--compile is for CUDA: on CPUs torch miscompiles this model")
+    total = args.epochs * steps_per_epoch
+    if args.warmup_steps is not None and args.warmup_steps >= total:
+        raise UsageError(f"--warmup-steps {args.warmup_steps} leaves nothing of the run's {total} steps")
     return steps_per_epoch
 
 
@@ -732,6 +737,8 @@ def main(argv=None):
         bank = fixed_batch(train, 384, args.img_size, small, device)
     total = args.epochs * steps_per_epoch
     warmup = min(args.warmup_epochs * steps_per_epoch, total // 10)  # at most a tenth of the run
+    if args.warmup_steps is not None:
+        warmup = args.warmup_steps
     last = min(total, args.steps or total)
     ckpt = resume(args, ckpt_path, master)
     if ckpt is not None and ckpt["step"] >= last:
@@ -788,7 +795,7 @@ def main(argv=None):
         reported.update(bad)
         seen_bad += len(bad)
         epoch = step // steps_per_epoch
-        lr = learning_rate(step, total, warmup, base_lr)
+        lr = learning_rate(step, total, warmup, base_lr, from_zero=args.warmup_steps is not None)
         loss, *term_values = train_step(model, opt, scaler, x1, x2, lr, amp)
         if raw_model.target is not None:  # BYOL eq. 1, tau from BYOL sec. 3.3 at this step
             tau = byol_tau(step, total, args.tau_base)

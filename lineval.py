@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from config import ARCHS, PROFILES, Parser, profile_name
-from data import MEAN, STD, Folder, UsageError, eval_transform, load_data
+from data import MEAN, STD, Folder, UsageError, batches, eval_transform, load_data
 from decorr import append_jsonl, build_backbone, knn_predict, load_checkpoint
 
 FAST_MAX_BYTES = 4 << 30  # --mode fast by default (one process) when the train features fit
@@ -64,6 +64,21 @@ def parse_args(argv=None):
         help="also k-NN top-1 (K: 20); after CKPT",
     )
     a("--random-init", action="store_true", help="evaluate an untrained backbone (seeded) instead")
+    a(
+        "--bn-passes",
+        type=int,
+        default=None,
+        help="--random-init: first estimate BatchNorm's statistics with N train-mode passes over augmented "
+        "training batches, no update (default 12; 0: the init's mean 0, variance 1)",
+    )
+    a(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate on N training images held out from the probe (fixed draw), not on the val set: "
+        "for choosing hyper-parameters",
+    )
     a("--data", default=None, help="synthetic | cifar10 | cifar100 | PATH (default: the run's)")
     a("--data-root", default=None, help="where cifar10/cifar100 are (default: the run's, else data)")
     a("--arch", default=None, help=f"{' | '.join(ARCHS)} (default: the checkpoint's)")
@@ -89,7 +104,11 @@ def parse_args(argv=None):
         )
     if args.arch is not None and args.arch not in ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
-    lowest = dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0)
+    if args.bn_passes is not None and not args.random_init:
+        raise UsageError("--bn-passes is for --random-init (a trained backbone has its statistics)")
+    if args.random_init and args.bn_passes is None:
+        args.bn_passes = 12
+    lowest = dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0, bn_passes=0, holdout=0)
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -264,6 +283,41 @@ def evenly(ds, n):
     if not n or n >= len(ds):
         return ds
     return torch.utils.data.Subset(ds, [i * len(ds) // n for i in range(n)])
+
+
+def hold_out(train, n):
+    """(the probe's train, held out): n training images drawn with a fixed seed are held out."""
+    if n >= len(train):
+        raise UsageError(f"--holdout {n} leaves none of the {len(train)} train images to train on")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    kept = torch.utils.data.Subset(train, sorted(order[n:].tolist()))
+    held = torch.utils.data.Subset(train, sorted(order[:n].tolist()))
+    return kept, held
+
+
+@torch.no_grad()
+def estimate_batchnorm(net, train, passes, args, small, device, amp, world):
+    """--random-init: BatchNorm's running statistics, which no step has estimated (mean 0, variance 1),
+    become the mean over `passes` train-mode forward passes of batches of the first views of
+    decorr.py's augmentation (the images a run's statistics come from). No weight changes."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative mean over the passes
+    batch_size = min(args.batch_size, len(train))
+    settings = argparse.Namespace(seed=args.seed, batch_size=batch_size, img_size=args.img_size)
+    settings.workers = args.workers
+    net.train()
+    for x1, _, _ in batches(train, small, settings, device, 0, passes):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            net(x1)
+    net.eval()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    if world > 1:  # the same network on every process
+        for buffer in net.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def transforms(size, small):
@@ -498,6 +552,9 @@ def main(argv=None):
     train, val, num_classes, small = load_data(args.data, args.data_root)
     train = evenly(train, args.limit)
     val = evenly(val, args.limit)
+    augmented = train
+    if args.holdout:
+        train, val = hold_out(train, args.holdout)
     if args.mode is None:
         fits = world == 1 and len(train) * dim * 4 <= FAST_MAX_BYTES
         args.mode = "fast" if fits else "linear"
@@ -512,14 +569,17 @@ def main(argv=None):
             torch.cuda.set_device(device)
     net = net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     amp = args.amp == "bf16"
+    if args.random_init and args.bn_passes:
+        estimate_batchnorm(net, augmented, args.bn_passes, args, small, device, amp, world)
     stem = " (CIFAR stem)" if small_stem else ""
     if args.random_init:
-        source = f"random init (seed {args.seed})"
+        source = f"random init (seed {args.seed}, BatchNorm statistics of {args.bn_passes} passes)"
     else:
         source = f"from {file}"
     at_step = "" if step is None else f" step {step}"
     say(
-        f"lineval | {args.arch}{stem} {source}{at_step} | {args.data}: {len(train)} train, {len(val)} val, "
+        f"lineval | {args.arch}{stem} {source}{at_step} | {args.data}: {len(train)} train, {len(val)} "
+        f"{'held-out train' if args.holdout else 'val'}, "
         f"{num_classes} classes, {args.img_size} px | mode {args.mode} | {world} x {device.type} | "
         f"amp {args.amp}"
     )
@@ -572,8 +632,10 @@ def main(argv=None):
         ckpt=file or None,
         step=step,
         random_init=args.random_init,
+        bn_passes=args.bn_passes,
         limit=args.limit,
-        full=not args.random_init and not args.limit,
+        holdout=args.holdout,
+        full=not args.random_init and not args.limit and not args.holdout,
         arch=args.arch,
         small_stem=small_stem,
         data=args.data,

@@ -1,6 +1,7 @@
-"""Tests for compare.py: the runs it makes, the rows and the table it writes, and a stopped comparison
-taken up again. decorr.py and lineval.py run in this process (their commands are those compare.py
-builds), on 64 training images of 16 px, with a tiny projector.
+"""Tests for compare.py: the protocol's runs in order (floor, grid, choice, seeds, bridge, default run),
+the rows it keys by everything that defines them, a stopped comparison taken up again, a diverged run,
+the one LARS of every LARS method, and bad input. decorr.py and lineval.py run in this process (their
+commands are those compare.py builds), on 64 training images of 16 px, with a tiny projector.
 
     python -m pytest -q test_compare.py
 """
@@ -11,6 +12,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import compare
 import decorr
 import lineval
@@ -18,83 +21,225 @@ from conftest import run_main
 from test_cli import ROOT, small_synthetic
 
 TINY = ["--batch-size", "16", "--proj", "32-32", "--img-size", "16", "--amp", "none", "--workers", "0"]
-RUNS = [
-    ("decorr", "decorr", TINY, [5.0], "test"),
-    ("byol-linear", "byol", TINY + ["--predictor", "linear"], [1.0, 0.5], "test"),
+METHODS = [
+    ("decorr", "decorr", TINY, 3.0, "test"),
+    ("byol", "byol", TINY + ["--tau-base", "0.97"], 0.3, "test"),
 ]
+FLOOR = ["--arch", "resnet18", "--img-size", "16", "--amp", "none", "--workers", "0", "--bn-passes", "2"]
+PROTOCOL = ["--epochs", "1", "--warmup-steps", "1", "--seeds", "2", "--holdout", "16", "--diag-every", "2"]
 
 
-def in_process(monkeypatch, calls):
-    """compare.run_command, running decorr.py and lineval.py here on small data; records each command."""
+def in_process(monkeypatch, calls, diverge_at=(), outputs=None):
+    """compare.run_command, running decorr.py and lineval.py here on small data; records each command
+    (and its output in outputs). A training at an lr in diverge_at fails as a non-finite loss does."""
     data = small_synthetic(64)
     monkeypatch.setattr(decorr, "load_data", lambda name, root="data": data)
     monkeypatch.setattr(lineval, "load_data", lambda name, root="data": data)
+    monkeypatch.setattr(compare, "METHODS", METHODS)
+    monkeypatch.setattr(compare, "BRIDGE", [("byol-linear", "byol")])
+    monkeypatch.setattr(compare, "DEFAULT_RUN", TINY + ["--epochs", "1"])
+    monkeypatch.setattr(compare, "FLOOR", FLOOR)
 
     def run_command(command, log_path):
         calls.append(command[1:])
+        if command[1] == "decorr.py" and "--lr" in command:
+            if float(command[command.index("--lr") + 1]) in diverge_at:
+                return (
+                    1,
+                    "decorr.py: error: non-finite loss (nan) at step 2; no checkpoint was written\n",
+                    1.0,
+                )
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             if command[1] == "decorr.py":
                 run_main(command[2:])
             else:
                 lineval.main(command[2:])
-        return stdout.getvalue(), 1.0
+        if outputs is not None:
+            outputs.append(stdout.getvalue())
+        return 0, stdout.getvalue(), 1.0
 
     monkeypatch.setattr(compare, "run_command", run_command)
 
 
-def test_compare_runs_every_method_and_lr_then_the_floor(monkeypatch, tmp_path):
-    """Every (method, lr) trains for --epochs with the method's flags and is probed; the recipe lrs
-    come first; each row holds the probe, the k-NN, the last diagnostics' corr_dist, and bridge_dist
-    for a linear predictor only; the random network closes the table; a second call redoes nothing."""
-    monkeypatch.setattr(compare, "RUNS", RUNS)
+def value(command, name):
+    return command[command.index(name) + 1]
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_the_protocol_in_order_then_nothing_again(monkeypatch, tmp_path):
+    """The floor per seed; every method at 1/3, 1 and 3 x its recipe lr, seed 0, probed on held-out
+    training images only; the lr with the best held-out probe; the seeds there, probed on the val set
+    (seed 0 not trained again); the linear-predictor variant at its method's lr; the default run per
+    seed. Every training has the same budget and warm-up. A second call makes nothing."""
     calls = []
     in_process(monkeypatch, calls)
     out = tmp_path / "cmp"
-    compare.main(["--epochs", "1", "--out", str(out), "--diag-every", "2"])
+    compare.main(PROTOCOL + ["--out", str(out)])
     trained = [c for c in calls if c[0] == "decorr.py"]
-    assert [(c[c.index("--loss") + 1], c[c.index("--lr") + 1]) for c in trained] == [
-        ("decorr", "5.0"),
-        ("byol", "1.0"),
-        ("byol", "0.5"),
-    ]
-    for command in trained:
-        assert (
-            command[command.index("--epochs") + 1] == "1"
-            and command[command.index("--diag-every") + 1] == "2"
-        )
-        assert ("--predictor" in command) == (command[command.index("--loss") + 1] == "byol")
     probes = [c for c in calls if c[0] == "lineval.py"]
-    assert len(probes) == 4 and "--random-init" in probes[-1]
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["name"], r["lr"]) for r in rows] == [
-        ("decorr", 5.0),
-        ("byol-linear", 1.0),
-        ("byol-linear", 0.5),
-        ("random init", None),
+    assert [("--random-init" in c, value(c, "--seed")) for c in probes[:2]] == [(True, "0"), (True, "1")]
+    grid = [(value(c, "--loss"), value(c, "--lr"), value(c, "--seed")) for c in trained[:6]]
+    assert grid == [("decorr", lr, "0") for lr in ("1.0", "3.0", "9.0")] + [
+        ("byol", lr, "0") for lr in ("0.1", "0.3", "0.9")
     ]
-    for row in rows[:3]:
-        assert 0 <= row["top1"] <= row["top5"] <= 100 and 0 <= row["knn_top1"] <= 100, row
-        assert row["step"] == 4 and row["corr_dist"] > 0 and 0 <= row["bridge_dist"] <= 2, row
-        log = [json.loads(line) for line in (out / f"{row['name']}_lr{row['lr']}" / "log.jsonl").open()]
-        assert [r["step"] for r in log if "corr_dist" in r] == [2, 4]
-    assert rows[3]["corr_dist"] is None and rows[3]["bridge_dist"] is None
+    for command in trained[:-2]:
+        assert value(command, "--epochs") == "1" and value(command, "--warmup-steps") == "1"
+        assert value(command, "--diag-every") == "2"
+    assert [value(c, "--holdout") for c in probes[2:8]] == ["16"] * 6
+    assert not any("--holdout" in c for c in probes[8:])
+    rows = read_rows(out)
+    grid_rows = [r for r in rows if r["stage"] == "grid"]
+    assert len(grid_rows) == 6 and all(r["evaluation"] == "holdout" for r in grid_rows)
+    for name in ("decorr", "byol"):
+        mine = [r for r in grid_rows if r["name"] == name]
+        best = max(mine, key=lambda r: (r["top1"], -r["lr"]))
+        seeds = [r for r in rows if r["stage"] == "seeds" and r["name"] == name]
+        assert [(r["lr"], r["seed"], r["evaluation"]) for r in seeds] == [
+            (best["lr"], 0, "val"),
+            (best["lr"], 1, "val"),
+        ]
+        assert seeds[0]["folder"] == best["folder"] and seeds[1]["folder"] != best["folder"]
+        at_best = [
+            c for c in trained[:-3] if value(c, "--loss") == name and value(c, "--lr") == str(best["lr"])
+        ]
+        assert [value(c, "--seed") for c in at_best] == ["0", "1"]
+    byol_lr = next(r["lr"] for r in rows if r["stage"] == "seeds" and r["name"] == "byol")
+    bridge = [r for r in rows if r["stage"] == "bridge"]
+    assert [(r["name"], r["lr"], r["seed"]) for r in bridge] == [("byol-linear", byol_lr, 0)]
+    assert 0 <= bridge[0]["bridge_dist"] <= 2
+    assert [value(c, "--seed") for c in trained[-2:]] == ["0", "1"] and "--warmup-steps" not in trained[-1]
+    assert len(trained) == 6 + 2 + 1 + 2
+    for row in rows:
+        assert row["status"] == "done" and 0 <= row["top1"] <= row["top5"] <= 100, row
     table = (out / "table.md").read_text().splitlines()
-    assert table[0].startswith("| run | lr | probe top-1") and len(table) == 2 + 4
-    assert table[-1].startswith("| random init | - |")
-    assert (out / "bridge.png").read_bytes().startswith(b"\x89PNG")
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| decorr",
+        "| byol",
+        "| byol-linear",
+        "| decorr, `python decorr.py`",
+        "| random init (2 BN passes)",
+    ]
+    assert " ± " in table[2] and table[2].split(" | ")[7] == "2"
+    assert len((out / "grid.md").read_text().splitlines()) == 2 + 6
+    for picture in ("fig1.png", "bridge.png"):
+        assert (out / picture).read_bytes().startswith(b"\x89PNG")
     calls.clear()
-    compare.main(["--epochs", "1", "--out", str(out)])
+    compare.main(PROTOCOL + ["--out", str(out)])
     assert calls == [] and (out / "table.md").read_text().splitlines() == table
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    """An unknown --only name is refused before anything runs: one line on stderr, exit 2."""
-    command = [sys.executable, "compare.py", "--only", "simclr", "--out", str(tmp_path / "cmp")]
+def test_a_row_is_keyed_by_its_budget_and_a_stopped_run_resumes(monkeypatch, tmp_path):
+    """Another --epochs makes new rows in new folders, never the old ones. A run stopped half-way (its
+    checkpoint, no backbone.pt) is resumed by the next call from its checkpoint, not started over."""
+    calls = []
+    outputs = []
+    in_process(monkeypatch, calls, outputs=outputs)
+    out = tmp_path / "cmp"
+    only = ["--only", "decorr", "--seeds", "1", "--holdout", "16", "--diag-every", "2", "--out", str(out)]
+    # a stopped run: the grid's first run of the 2-epoch budget, stopped at step 3 of 8
+    protocol = compare.Protocol(compare.parse_args(["--epochs", "2", "--warmup-steps", "1"] + only))
+    flags = protocol.method_flags("decorr", 1.0, 0)
+    stopped = out / "runs" / f"decorr_lr1_seed0_{compare.digest(flags)}"
+    run_main(flags + ["--steps", "3", "--out", stopped])
+    compare.main(["--epochs", "1", "--warmup-steps", "1"] + only)
+    first = read_rows(out)
+    assert [r["stage"] for r in first] == ["grid"] * 3 + ["seeds"]
+    assert all(r["step"] == 4 for r in first)
+    calls.clear()
+    outputs.clear()
+    compare.main(["--epochs", "2", "--warmup-steps", "1"] + only)
+    rows = read_rows(out)
+    trained = [c for c in calls if c[0] == "decorr.py"]
+    assert len(rows) == 8 and len(trained) == 3
+    assert {r["folder"] for r in rows[:4]}.isdisjoint(r["folder"] for r in rows[4:])
+    assert all(value(r["flags"].split(), "--epochs") == "2" and r["step"] == 8 for r in rows[4:])
+    assert rows[4]["folder"] == f"runs/{stopped.name}" and rows[4]["resumed"] is True
+    assert f"resumed from {stopped / 'checkpoint.pt'} at step 3" in outputs[0]
+    steps = [r["step"] for r in decorr.read_jsonl(stopped / "log.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))
+
+
+def test_a_diverged_run_is_reported_and_not_chosen(monkeypatch, tmp_path):
+    """A run whose loss stops being finite gets a 'diverged' row; the protocol goes on, chooses among
+    the others, and the grid table says so."""
+    calls = []
+    in_process(monkeypatch, calls, diverge_at=(9.0,))
+    out = tmp_path / "cmp"
+    compare.main(PROTOCOL + ["--only", "decorr", "--seeds", "1", "--out", str(out)])
+    rows = read_rows(out)
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    assert [(r["name"], r["lr"]) for r in diverged] == [("decorr", 9.0)]
+    assert [r["lr"] for r in rows if r["stage"] == "seeds"] != [9.0]
+    assert "| decorr | 9 | 3 | diverged |" in (out / "grid.md").read_text()
+
+
+def protocol_with(rows):
+    args = compare.parse_args(["--out", "unused"])
+    protocol = compare.Protocol.__new__(compare.Protocol)
+    protocol.args = args
+    protocol.rows = {}
+    for lr, row in rows.items():
+        key = compare.digest(protocol.method_flags("decorr", lr, 0), protocol.probe_flags("holdout"))
+        protocol.rows[key] = dict(row, key=key)
+    return protocol
+
+
+def test_the_choice_is_the_best_held_out_probe():
+    """The chosen lr: the best held-out top-1 of the finished grid (a tie to the lower lr); none while
+    an lr of the grid has no row, or when every lr diverged."""
+    done = lambda top1: dict(status="done", top1=top1)  # noqa: E731
+    diverged = dict(status="diverged")
+    assert protocol_with({0.1: done(50.0), 0.3: diverged, 0.9: done(60.0)}).chosen_lr("decorr") == 0.9
+    assert protocol_with({0.1: done(60.0), 0.3: done(60.0), 0.9: done(20.0)}).chosen_lr("decorr") == 0.1
+    assert protocol_with({0.1: done(60.0), 0.3: done(70.0)}).chosen_lr("decorr") is None
+    assert protocol_with({0.1: diverged, 0.3: diverged, 0.9: diverged}).chosen_lr("decorr") is None
+
+
+def test_one_lars_for_every_lars_method_and_simsiam_as_published():
+    """Every LARS method of the protocol (decorr, Barlow Twins, VICReg, BYOL) runs the same LARS, not
+    clipped; SimSiam runs SGD with --fix-pred-lr; BYOL's tau_base is 0.97; the grid is 1/3, 1, 3."""
+    settings = {}
+    for name, loss, flags, _, _ in compare.METHODS:
+        args = decorr.parse_args(["--loss", loss, *flags])
+        if args.optimizer == "lars":
+            settings[name] = (args.lars_eta, args.lars_clip)
+        else:
+            assert name == "simsiam" and args.optimizer == "sgd" and args.fix_pred_lr
+    assert sorted(settings) == ["barlowtwins", "byol", "decorr", "vicreg"]
+    assert set(settings.values()) == {(0.02, False)}
+    assert decorr.parse_args(["--loss", "byol", *compare.BYOL]).tau_base == 0.97
+    assert compare.grid_lrs(0.3) == [0.1, 0.3, 0.9] and compare.grid_lrs(0.5) == [0.1667, 0.5, 1.5]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--only", "simclr"],
+            "--only simclr: no such run (the runs: decorr barlowtwins vicreg simsiam byol",
+        ),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
+    """Bad flags are refused before anything runs or is written: one line on stderr, exit 2."""
+    command = [sys.executable, "compare.py", *argv, "--out", str(tmp_path / "cmp")]
     p = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
-    assert p.stderr.splitlines() == [
-        "compare.py: error: --only simclr: no such run (the runs: decorr barlowtwins vicreg simsiam byol "
-        "simsiam-linear byol-linear)"
-    ]
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("compare.py: error: " + message)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_progress_is_shown_while_a_run_trains(tmp_path, capsys):
+    """run_command shows the child's lines as they come and keeps them in the log."""
+    script = "import time\nfor i in range(3):\n    print('line', i)\n"
+    log = tmp_path / "log.txt"
+    code, output, seconds = compare.run_command([sys.executable, "-c", script], str(log))
+    assert code == 0 and output == "line 0\nline 1\nline 2\n" and log.read_text() == output
+    assert capsys.readouterr().out.splitlines()[-3:] == ["    line 0", "    line 1", "    line 2"]

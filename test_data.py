@@ -2,12 +2,14 @@
 
 The reference is torchvision.transforms.v2 (the BYOL / Barlow Twins pipeline of the paper's sec. 5.1):
   1. each batched op, given per-image parameters, equals the v2.functional op applied image by
-     image (float images in [0, 1]);
+     image (float images in [0, 1]); the evaluation transform is Resize(size * 256 / 224) +
+     CenterCrop(size) for large images (the paper's val protocol), normalisation alone for small ones;
   2. the parameters drawn from NU uniforms per view follow v2's distributions (rates within
      5 binomial sigma, continuous draws by a two-sample Kolmogorov-Smirnov test at alpha 0.001
      against torchvision's own samplers) and the crop sampler is torchvision's loop, exactly;
   3. the views are a function of (seed, epoch, image): the same on 1 or 2 processes and after a
-     resume, different between images and between epochs;
+     resume, different between images and between epochs; the images' order is a new permutation
+     every epoch, drawn from (seed, epoch);
   4. unreadable images in a folder are replaced, reported once and counted;
   5. the CIFAR path through torchvision's reader (and its MD5 check).
 Tiny sizes throughout: the file runs in well under a minute on a 2-core CPU.
@@ -365,6 +367,51 @@ def test_colour_order_and_pipeline_equal_v2():
             assert err <= ATOL, f"view {(blur_p, solarize_p)}, small {small}, image {i}: max error {err:.2e}"
 
 
+def _normalised(x):
+    """A uint8 image in [0, 1], normalised with ImageNet's mean and std, by v2.functional."""
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+# (size, the shorter side after the resize): size * 256 / 224, the paper's 256 at 224
+@pytest.mark.parametrize("size, resized", [(224, 256), (112, 128)])
+def test_eval_transform_resizes_to_size_times_256_224_then_crops_the_centre(size, resized):
+    """eval_transform of large images (image folders) is the paper's val protocol: the shorter side
+    resized to size * 256 / 224 (antialiased), then the central size x size crop, then [0, 1] and
+    ImageNet's normalisation. Random pixels, PIL images as the folders give: square and oblong images
+    equal v2.functional's resize + center_crop; images whose shorter side already is the resize's
+    (nothing to resize) give the middle of the image, cut by hand."""
+    evaluate = data.eval_transform(size, small=False)
+    g = torch.Generator().manual_seed(12)
+    for H, W in [(448, 448), (300, 500), (500, 300)]:
+        x = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+        out = evaluate(TF.to_pil_image(x))
+        assert out.shape == (3, size, size) and out.dtype == torch.float32
+        ref = _normalised(TF.center_crop(TF.resize(x, [resized], antialias=True), [size, size]))
+        err = (out - ref).abs().max().item()
+        assert err <= ATOL, f"{H} x {W} image: max error {err:.2e}"
+    for H, W in [(resized, resized + 40), (resized + 40, resized)]:
+        x = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+        out = evaluate(TF.to_pil_image(x))
+        top, left = (H - size) // 2, (W - size) // 2  # even margins: the middle is exact
+        ref = _normalised(x[:, top : top + size, left : left + size])
+        err = (out - ref).abs().max().item()
+        assert err <= ATOL, f"{H} x {W} image: max error {err:.2e}"
+
+
+def test_eval_transform_of_small_images_only_normalises():
+    """Small images (the built-in data, CIFAR) keep their size, whatever the size asked: no resize,
+    no crop, only [0, 1] and ImageNet's normalisation, from a uint8 tensor or a PIL image alike."""
+    x = torch.randint(0, 256, (3, 32, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(13))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    ref = (x.float() / 255 - mean) / std
+    for size in (32, 224):
+        evaluate = data.eval_transform(size, small=True)
+        for img in (x, TF.to_pil_image(x)):
+            out = evaluate(img)
+            assert out.shape == (3, 32, 20) and out.dtype == torch.float32
+            assert (out - ref).abs().max() <= ATOL, f"size {size}, {type(img).__name__}"
+
+
 # ----------------------------------------------------------------------------- 2. the drawn parameters
 
 
@@ -688,6 +735,49 @@ def test_same_seed_same_views_other_seed_other_views():
     a, b, c = (_collect(_dataset(), 0, 2, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
     assert all((p[0] - q[0]).abs().max() > 1e-3 for p, q in zip(a, c, strict=True))
+
+
+def _image_indices(steps):
+    """Which images each step used, read from views of images whose every pixel is their index."""
+    indices = []
+    for x1, x2, _ in steps:
+        pixels = torch.cat([x1, x2], 1).flatten(1) * 255  # both views of an image in one row
+        index = pixels.round()
+        assert (pixels - index).abs().max() < 1e-3  # a crop of a uniform image is that image's value
+        assert (index == index[:, :1]).all()  # both views of a row are of the same image
+        indices.append(index[:, 0].long())
+    return indices
+
+
+@pytest.mark.parametrize("n", [24, 27])
+def test_order_is_a_new_permutation_every_epoch_from_seed_and_epoch(monkeypatch, n):
+    """The images' order of epoch e is torch.randperm(n, generator=data.seeded(seed, e)), B images per
+    step: each image at most once per epoch, every one when B divides n (else the last n mod B of the
+    order are left out), another order every epoch and for another seed; a resume, mid-epoch or at an
+    epoch boundary, continues the same order. The images are uniform, of their index, and colour() is
+    the identity, so that each view shows which image it is. 3 epochs of 3 steps of 8."""
+    monkeypatch.setattr(data, "colour", lambda crop, u, *params: crop)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    train = torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))
+    B, steps, epochs = 8, 3, 3  # steps per epoch: n // B
+
+    def order(seed, first=0):
+        return _image_indices(_collect(train, first, steps * epochs, batch_size=B, img_size=8, seed=seed))
+
+    got = order(5)
+    assert [len(i) for i in got] == [B] * steps * epochs
+    per_epoch = [torch.cat(got[e * steps : (e + 1) * steps]) for e in range(epochs)]
+    for e, seen in enumerate(per_epoch):
+        assert len(seen.unique()) == len(seen) == B * steps, f"epoch {e}: an image twice"
+        if n == B * steps:
+            assert sorted(seen.tolist()) == list(range(n)), f"epoch {e}: not every image"
+        want = torch.randperm(n, generator=data.seeded(5, e))[: B * steps]
+        assert torch.equal(seen, want), f"epoch {e}: {seen.tolist()} != {want.tolist()}"
+    assert not torch.equal(per_epoch[0], per_epoch[1]) and not torch.equal(per_epoch[1], per_epoch[2])
+    other = order(6)
+    assert all(not torch.equal(a, b) for a, b in zip(got, other, strict=True))
+    for first in (4, 3):
+        assert all(torch.equal(a, b) for a, b in zip(order(5, first), got[first:], strict=True)), first
 
 
 # ----------------------------------------------------------------------------- 4. unreadable images

@@ -345,6 +345,23 @@ MUTATIONS = [
         "flip = (u[:, 22] >= 0.5).to(x.device, non_blocking=True)",
         ["test_data.py::test_flip_rate"],
     ),
+    # the order of the images and the evaluation transform
+    (
+        "order-epoch",
+        "data.py",
+        "the images' order the same every epoch (seeded by the seed alone)",
+        "order = torch.randperm(len(train), generator=seeded(args.seed, epoch))",
+        "order = torch.randperm(len(train), generator=seeded(args.seed, 0))",
+        ["test_data.py::test_order_is_a_new_permutation_every_epoch_from_seed_and_epoch"],
+    ),
+    (
+        "eval-resize",
+        "data.py",
+        "the evaluation transform resizes to the crop size, not size * 256 / 224",
+        "steps.append(v2.Resize(size * 256 // 224, antialias=True))",
+        "steps.append(v2.Resize(size, antialias=True))",
+        ["test_data.py::test_eval_transform_resizes_to_size_times_256_224_then_crops_the_centre"],
+    ),
 ]
 
 

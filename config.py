@@ -73,6 +73,46 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written and every flag's default: " (default: VALUE)" is appended
+    to the help of a flag with a fixed default that its help does not state already. A switch
+    (store_true) is left as it is; a flag whose default is None (it depends on the data or the loss) says
+    its default in its own help."""
+
+    def _get_help_string(self, action):
+        text = action.help
+        if action.nargs == 0 or action.default is None or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+# the data profiles as --help names them
+PROFILE_NAMES = dict(folder="folders", cifar="cifar", synthetic="synthetic")
+
+
+def defaults_text(values):
+    """The defaults of a flag in values ({profile or loss: value}) as --help says them, the ones with the
+    same value named together: "2048 for folders, 256 for cifar and synthetic"."""
+    names_by_value = {}
+    for name, value in values.items():
+        names_by_value.setdefault(value, []).append(PROFILE_NAMES.get(name, name))
+    return ", ".join(f"{value} for {' and '.join(names)}" for value, names in names_by_value.items())
+
+
+def profile_default(flag_name):
+    """The defaults of a flag that depends on the data profile, from PROFILES, for --help."""
+    return defaults_text({profile: values[flag_name] for profile, values in PROFILES.items()})
+
+
+def loss_default(flag_name):
+    """The defaults of a flag that depends on the loss, from LOSSES, for --help (the losses that set it)."""
+    values = {}
+    for loss, (coefficients, _) in LOSSES.items():
+        if flag_name in coefficients:
+            values[loss] = coefficients[flag_name]
+    return defaults_text(values)
+
+
 def add_arguments(p):
     a = p.add_argument
     a(
@@ -81,22 +121,27 @@ def add_arguments(p):
         help="synthetic | cifar10 | cifar100 | PATH (image folders: PATH/train, PATH/val)",
     )
     a("--data-root", default="data", help="where cifar10/cifar100 are (never downloaded)")
-    a("--arch", choices=ARCHS, default=None, help="default: resnet50 for folders, else resnet18")
-    a("--img-size", type=int, default=None, help="crop size (default: 224 for folders, else 32)")
+    a("--arch", choices=ARCHS, default=None, help=f"the backbone (default: {profile_default('arch')})")
+    a("--img-size", type=int, default=None, help=f"crop size (default: {profile_default('img_size')})")
     a(
         "--proj",
         default=None,
-        help="projector widths, the last is D (default: 4096-256 for synthetic, else 2048-2048-2048)",
+        help=f"projector widths, the last is D (default: {profile_default('proj')})",
     )
-    a("--epochs", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="global batch, over all processes")
+    a("--epochs", type=int, default=None, help=f"epochs to train (default: {profile_default('epochs')})")
+    a(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"global batch, over all processes (default: {profile_default('batch_size')})",
+    )
     a("--lr", type=float, default=0.3, help="base lr, scaled by batch/256")
-    a("--wd", type=float, default=None, help="weight decay (default: 1e-6 for folders, else 1e-4)")
+    a("--wd", type=float, default=None, help=f"weight decay (default: {profile_default('wd')})")
     a(
         "--lars-eta",
         type=float,
         default=None,
-        help="LARS trust coefficient (default: 0.001 for folders, 0.02 else)",
+        help=f"LARS trust coefficient (default: {defaults_text(LARS_ETA)})",
     )
     a(
         "--warmup-epochs",
@@ -108,7 +153,8 @@ def add_arguments(p):
         "--warmup-steps",
         type=int,
         default=None,
-        help="instead of --warmup-epochs: a warm-up of N steps from lr 0 (Barlow Twins, VICReg), any length",
+        help="instead of --warmup-epochs: a warm-up of N steps from lr 0 (Barlow Twins, VICReg), any length "
+        "(default: none, --warmup-epochs applies)",
     )
     a("--loss", choices=tuple(LOSSES), default="decorr", help="decorr, or a baseline in the same harness")
     a(
@@ -117,14 +163,19 @@ def add_arguments(p):
         default=None,
         help="k, parts of the global batch (default: batch/256 if 256 divides it, else 1)",
     )
-    a("--inv-coef", type=float, default=None, help="C_inv (default 1); vicreg: sim coef (25)")
+    a(
+        "--inv-coef",
+        type=float,
+        default=None,
+        help=f"C_inv; vicreg: sim coef (default: {loss_default('inv_coef')})",
+    )
     a(
         "--cov-coef",
         type=float,
         default=None,
-        help="C_cov (default 1); vicreg: cov coef (1); barlowtwins: lambda (0.0051)",
+        help=f"C_cov; vicreg: cov coef; barlowtwins: lambda (default: {loss_default('cov_coef')})",
     )
-    a("--std-coef", type=float, default=None, help="vicreg: std coef (25)")
+    a("--std-coef", type=float, default=None, help=f"vicreg: std coef (default: {loss_default('std_coef')})")
     a(
         "--loss-scale",
         type=float,
@@ -135,14 +186,19 @@ def add_arguments(p):
         "--predictor",
         choices=("mlp", "linear"),
         default=None,
-        help="simsiam, byol: the method's MLP (default), or one D x D linear layer without bias",
+        help="simsiam, byol: the method's MLP, or one D x D linear layer without bias (default: mlp)",
     )
     a(
         "--fix-pred-lr",
         action="store_true",
         help="simsiam, byol: the predictor keeps the base lr (no schedule)",
     )
-    a("--tau-base", type=float, default=None, help="byol: the target's decay at step 0, rising to 1 (0.99)")
+    a(
+        "--tau-base",
+        type=float,
+        default=None,
+        help=f"byol: the target's decay at step 0, rising to 1 (default: {loss_default('tau_base')})",
+    )
     a(
         "--optimizer",
         choices=("lars", "sgd"),
@@ -159,11 +215,30 @@ def add_arguments(p):
         default=None,
         help="W at step 0 (default: identity)",
     )
-    a("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 where supported")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--workers", type=int, default=None, help="image-folder loader processes per device")
-    a("--seed", type=int, default=0)
-    a("--out", default="out", help="folder for log.jsonl, checkpoint.pt, backbone.pt, wp.png")
+    a(
+        "--amp",
+        choices=("bf16", "fp16", "none"),
+        default=None,
+        help="default: bf16 where the device supports it, else none; fp16 is for CUDA only",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model; CUDA only (on CPUs torch 2.14 miscompiles this model: refused there)",
+    )
+    a(
+        "--workers",
+        type=int,
+        default=None,
+        help="image-folder loader processes per device (default: the CPU cores per process - 1, at most 10)",
+    )
+    a("--seed", type=int, default=0, help="the seed of the weights, the data order and the augmentations")
+    a(
+        "--out",
+        default="out",
+        help="the run's folder: log.jsonl, checkpoint.pt, backbone.pt, curves.png, wp.png (linear predictor "
+        "only), and with --wandb wandb_id.txt and wandb/; lineval.py appends eval.jsonl there",
+    )
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
     a(
         "--log-every",
@@ -174,7 +249,12 @@ def add_arguments(p):
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     a("--diag-every", type=int, default=0, help="diagnostics every N steps (0: once per epoch)")
     a("--fresh", action="store_true", help="start over; every output of the old run is moved aside")
-    a("--wandb", metavar="PROJECT", default=None, help="also log to this W&B project (pip install wandb)")
+    a(
+        "--wandb",
+        metavar="PROJECT",
+        default=None,
+        help="also log to this W&B project (pip install wandb; default: none, no W&B)",
+    )
     a("--wandb-name", default=None, help="the W&B run's name (default: one W&B chooses)")
 
 
@@ -186,9 +266,15 @@ def profile_name(data):
     return "folder"
 
 
-def parse_args(argv=None):
-    p = Parser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser():
+    """decorr.py's command line: its flags, and --help with every flag's default."""
+    p = Parser(description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     refuse_unused_flags(args)
     world = int(os.environ.get("WORLD_SIZE", 1))

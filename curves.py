@@ -1,13 +1,17 @@
-"""Watching a run: curves.png drawn from log.jsonl, and optional logging to Weights & Biases.
+"""Watching a run: curves.png drawn from log.jsonl, wp.png drawn from the linear predictor W_p, and
+optional logging to Weights & Biases.
 
 decorr.py's rank 0 calls draw_curves after every diagnostics pass and at the end of the run, and the
-wandb_* functions when --wandb is given. Neither matplotlib nor wandb is imported until it is used:
-a run that never draws or logs pays nothing for them.
+wandb_* functions when --wandb is given; draw_wp draws a linear predictor's W_p at a diagnostics pass.
+Neither matplotlib nor wandb is imported until it is used: a run that never draws or logs pays nothing
+for them.
 """
 
 import json
 import math
 import os
+
+import torch
 
 from data import UsageError, atomic_write
 
@@ -27,6 +31,11 @@ DIAGNOSTICS_NOT_DRAWN = ("epoch", "step", "diag_s")
 # the panels meant for more than one curve: their curves are named in a legend even when only one is logged
 SHARED_PANELS = [title for title, keys in DIAGNOSTICS_PANELS if len(keys) > 1]
 COLUMNS = 3
+# a linear-scale panel's y axis shows at least this fraction of the largest magnitude of its values
+MINIMUM_SPAN = 0.05
+# wp.png shows W_p average-pooled to at most this many rows and columns (as decorr.wp_picture does)
+WP_SIZE = 256
+WP_TITLES = ("|W_p| (Fig. 3a)", "|W_p| rows / their diagonal entry (Fig. 3b)")
 WANDB_MISSING = "--wandb needs the wandb package: pip install wandb"
 
 
@@ -136,6 +145,41 @@ def wants_log_scale(lines):
     return max(values) / min(values) > 100
 
 
+def widened_view(lines, margin):
+    """The y limits (bottom, top) of a linear-scale panel whose values barely move, or None for a panel
+    that keeps matplotlib's own limits.
+
+    The rule: the y axis shows at least MINIMUM_SPAN (5 %) of the largest magnitude of the panel's
+    values, so that noise in a value that hardly moves (bridge_dist from 1.410 to 1.413) is not drawn
+    across the whole panel as if it were a trend. matplotlib's own view is the values' span with `margin`
+    of it added above and below; where that is narrower than the minimum, the view is the minimum,
+    centred on the values. A panel whose view is at least the minimum (one that moves), or whose values
+    are all 0, is left to matplotlib.
+    """
+    values = [value for _, _, line_values in lines for value in line_values]
+    low = min(values)
+    high = max(values)
+    minimum_span = MINIMUM_SPAN * max(abs(low), abs(high))
+    if (high - low) * (1 + 2 * margin) >= minimum_span:
+        return None
+    centre = (low + high) / 2
+    return centre - minimum_span / 2, centre + minimum_span / 2
+
+
+def range_text(lines):
+    """The range of a panel's values for its title: "1.410 to 1.413", with as many decimals as the first
+    digit of the span needs; "0.5 throughout" for values that do not move, "0.5" for a single value."""
+    values = [value for _, _, line_values in lines for value in line_values]
+    low = min(values)
+    high = max(values)
+    if len(values) == 1:
+        return f"{low:.4g}"
+    if low == high:
+        return f"{low:.4g} throughout"
+    decimals = max(0, math.ceil(-math.log10(high - low)))
+    return f"{low:.{decimals}f} to {high:.{decimals}f}"
+
+
 def draw_curves(log_path, png_path):
     """Draw log.jsonl's curves as small panels on one step axis (from step 0) and write them to png_path
     atomically. Returns the titles of the panels drawn (an empty list: a log with no data yet, drawn as a
@@ -166,13 +210,18 @@ def draw_curves(log_path, png_path):
             axes.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=label)
         axes.set_xlim(0, right)
         axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        shown_title = title
         if title.startswith("loss") and wants_log_scale(lines):
             axes.set_yscale("log")
         else:
             axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+            view = widened_view(lines, axes.margins()[1])
+            if view is not None:
+                axes.set_ylim(*view)
+                shown_title = f"{title} ({range_text(lines)})"
         if len(lines) > 1 or title in SHARED_PANELS:
             axes.legend(fontsize=7, frameon=False)
-        axes.set_title(title, fontsize=9, y=1.0, pad=4)  # a fixed place: matplotlib skips placing it
+        axes.set_title(shown_title, fontsize=9, y=1.0, pad=4)  # a fixed place: matplotlib skips placing it
         axes.tick_params(labelsize=7)
         axes.yaxis.get_offset_text().set_fontsize(7)
         axes.grid(alpha=0.3)
@@ -191,6 +240,69 @@ def draw_curves(log_path, png_path):
     atomic_write(png_path, lambda file: figure.savefig(file, format="png"))
     figure.clear()
     return [title for title, _, _ in panels]
+
+
+# ----------------------------------------------------------------------------- wp.png
+
+
+def pool_columns(matrix, size):
+    """matrix (R x C) with its columns averaged down to size columns (R x size), in the windows of
+    torch's adaptive average pooling (C / size columns each where size divides C)."""
+    return torch.nn.functional.adaptive_avg_pool1d(matrix[None], size)[0]
+
+
+def wp_pictures(w, size=WP_SIZE):
+    """The two pictures of wp.png (Appendix C, Fig. 3) as float32 CPU tensors: (a) |W_p| and (b) |W_p|
+    with each row divided by its diagonal entry, |w_ij / w_ii|. Where W_p has more than size rows, each
+    is average-pooled to size x size (the mean of the magnitudes over blocks of W_p, as decorr.wp_picture
+    pools them); where it has no more, they are the magnitudes themselves."""
+    w = w.detach().float().cpu()
+    magnitudes = w.abs()
+    diagonal = magnitudes.diagonal()[:, None]
+    if len(w) <= size:
+        return magnitudes, magnitudes / diagonal
+    # the columns pooled first, then the rows: the same block means as adaptive_avg_pool2d, and each row's
+    # division by its diagonal entry is done on D x size numbers, not D x D (D = 8192: twice as fast)
+    pooled_columns = pool_columns(magnitudes, size)
+    pooled_magnitudes = pool_columns(pooled_columns.T, size).T
+    pooled_relative = pool_columns((pooled_columns / diagonal).T, size).T
+    return pooled_magnitudes, pooled_relative
+
+
+def draw_wp(w, step, png_path):
+    """Draw W_p (D x D) at a training step as wp.png and write it to png_path atomically: two panels,
+    (a) |W_p| and (b) |W_p| with each row divided by its diagonal entry (Appendix C, Fig. 3), each with a
+    colour bar, their axes numbered as W_p's rows and columns. A W_p larger than WP_SIZE is shown pooled
+    (wp_pictures), and the title says so. A zero diagonal entry leaves its row of (b) blank.
+
+    Returns the Figure, for a caller that wants to read what was drawn; it is freed when dropped."""
+    # imported here, as in draw_curves
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pictures = wp_pictures(w)
+    rows = len(w)
+    title = f"W_p at step {step}: {rows} x {rows}"
+    if len(pictures[0]) < rows:
+        title += f", shown pooled to {len(pictures[0])} x {len(pictures[0])}"
+    figure = Figure(figsize=(10, 4.8), dpi=100)
+    FigureCanvasAgg(figure)
+    for index, (panel_title, picture) in enumerate(zip(WP_TITLES, pictures)):
+        axes = figure.add_subplot(1, 2, index + 1)
+        # extent: the axes count W_p's rows and columns, whatever the pooling
+        image = axes.imshow(
+            picture.numpy(), cmap="viridis", vmin=0, interpolation="nearest", extent=(0, rows, rows, 0)
+        )
+        colour_bar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.03)
+        colour_bar.ax.tick_params(labelsize=7)
+        axes.set_title(panel_title, fontsize=10)
+        axes.set_xlabel("column j", fontsize=8)
+        axes.set_ylabel("row i", fontsize=8)
+        axes.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=11)
+    figure.subplots_adjust(left=0.06, right=0.94, top=0.86, bottom=0.1, wspace=0.3)
+    atomic_write(png_path, lambda file: figure.savefig(file, format="png"))
+    return figure
 
 
 # ----------------------------------------------------------------------------- Weights & Biases

@@ -1,5 +1,6 @@
-"""Tests of curves.py: curves.png drawn from log.jsonl, and the optional W&B logging, run with the real
-wandb package in offline mode and its offline run read back from the files it leaves."""
+"""Tests of curves.py: curves.png drawn from log.jsonl, wp.png drawn from W_p, and the optional W&B
+logging, run with the real wandb package in offline mode and its offline run read back from the files it
+leaves."""
 
 import gc
 import json
@@ -12,7 +13,9 @@ import warnings
 import weakref
 from pathlib import Path
 
+import numpy
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
@@ -207,6 +210,176 @@ def test_nothing_imported_until_used():
         [sys.executable, "-W", "error", "-c", code], cwd=ROOT, capture_output=True, text=True
     )
     assert process.returncode == 0 and process.stdout.strip() == "[]", process.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- curves.png: the y axis
+
+
+def drawn_axes(tmp_path, log_path, monkeypatch):
+    """draw_curves's panels as it saved them: {title as drawn: (y limits, y scale)}."""
+    import matplotlib.figure
+
+    drawn = {}
+
+    class RecordingFigure(matplotlib.figure.Figure):
+        def savefig(self, *args, **kwargs):
+            super().savefig(*args, **kwargs)
+            for axes in self.axes:
+                drawn[axes.get_title()] = (axes.get_ylim(), axes.get_yscale())
+
+    monkeypatch.setattr(matplotlib.figure, "Figure", RecordingFigure)
+    draw(tmp_path, log_path)
+    return drawn
+
+
+def one_line(values):
+    """The lines of a panel with one curve of these values."""
+    return [("value", list(range(len(values))), values)]
+
+
+def test_flat_panels_show_the_minimum_span(tmp_path, monkeypatch):
+    """bridge_dist moving from 1.4103 to 1.4131 (noise) is drawn on a y axis 5 % of 1.4131 high, centred on
+    its values, with its range in the title; so is feat_std, which does not move. Panels that move keep
+    matplotlib's own limits (the values' span and 5 % of it above and below) and their titles."""
+    rows = []
+    for step, bridge_dist in ((10, 1.4103), (20, 1.4131), (30, 1.4118)):
+        rows.append(training_row(step))
+        rows.append(diagnostics_row(step, bridge_dist=bridge_dist, bridge_align=0.3 + step / 100))
+    log_path = write_log(tmp_path / "log.jsonl", rows)
+    drawn = drawn_axes(tmp_path, log_path, monkeypatch)
+    (bottom, top), scale = drawn["bridge_dist (1.410 to 1.413)"]
+    assert scale == "linear"
+    assert top - bottom == pytest.approx(0.05 * 1.4131)
+    assert (bottom + top) / 2 == pytest.approx((1.4103 + 1.4131) / 2)
+    assert drawn["feat_std (0.5 throughout)"][0] == pytest.approx((0.5 - 0.0125, 0.5 + 0.0125))
+    assert drawn["bridge_align"] == (pytest.approx((0.4 - 0.01, 0.6 + 0.01)), "linear")
+    corr_dist = [10.0 / step for step in (10, 20, 30)]
+    span = max(corr_dist) - min(corr_dist)
+    assert drawn["corr_dist"][0] == pytest.approx(
+        (min(corr_dist) - 0.05 * span, max(corr_dist) + 0.05 * span)
+    )
+    # the panel names returned stay the panels' names
+    assert "bridge_dist" in curves.draw_curves(str(log_path), str(tmp_path / "curves.png"))
+
+
+def test_log_scale_panels_unchanged(tmp_path, monkeypatch):
+    """A loss spanning decades is drawn on a log scale under its own title, its values inside the axis."""
+    rows = [training_row(step, loss=10.0**-step, inv=1.0, cov=2.0 + step) for step in range(1, 6)]
+    drawn = drawn_axes(tmp_path, write_log(tmp_path / "log.jsonl", rows), monkeypatch)
+    (bottom, top), scale = drawn["loss"]
+    assert scale == "log"
+    assert bottom <= 1e-5 and top >= 0.1
+    assert drawn["loss term: inv (1 throughout)"][0] == pytest.approx((0.975, 1.025))
+    assert "loss term: cov" in drawn
+
+
+def test_minimum_span_rule():
+    """At the edge of the rule: a view (span and 5 % margins) narrower than 5 % of the largest magnitude is
+    widened to that, centred; one as wide is left alone, as are values all 0 and values around 0."""
+    assert curves.widened_view(one_line([100.0, 105.0]), 0.05) is None
+    bottom, top = curves.widened_view(one_line([100.0, 104.7]), 0.05)
+    assert (bottom, top) == pytest.approx((102.35 - 0.05 * 104.7 / 2, 102.35 + 0.05 * 104.7 / 2))
+    bottom, top = curves.widened_view(one_line([-1.413, -1.41]), 0.05)
+    assert (bottom, top) == pytest.approx((-1.4115 - 0.05 * 1.413 / 2, -1.4115 + 0.05 * 1.413 / 2))
+    assert curves.widened_view(one_line([0.0, 0.0]), 0.05) is None
+    assert curves.widened_view(one_line([-0.001, 0.001]), 0.05) is None
+    assert curves.widened_view(one_line([100.0, 104.7]), 0.1) is None
+    assert curves.range_text(one_line([1.4103, 1.4131, 1.4118])) == "1.410 to 1.413"
+    assert curves.range_text(one_line([910.0, 930.0])) == "910 to 930"
+    assert curves.range_text(one_line([-1.413, -1.41])) == "-1.413 to -1.410"
+    assert curves.range_text(one_line([0.5, 0.5])) == "0.5 throughout"
+    assert curves.range_text(one_line([32.58881])) == "32.59"
+
+
+# ----------------------------------------------------------------------------- wp.png
+
+WP_TITLES = ["|W_p| (Fig. 3a)", "|W_p| rows / their diagonal entry (Fig. 3b)"]
+
+
+def draw_wp(tmp_path, w, step):
+    """draw_wp with every warning an error; checks wp.png is a whole PNG and nothing else was left; the
+    figure, and its two panels (the axes with a picture)."""
+    png_path = tmp_path / "wp.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = curves.draw_wp(w, step, str(png_path))
+    with Image.open(png_path) as image:
+        image.verify()
+    with Image.open(png_path) as image:
+        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 300
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+    panels = [axes for axes in figure.axes if axes.images]
+    return figure, panels
+
+
+def picture(axes):
+    """The values drawn in a panel, as a float64 tensor."""
+    return torch.from_numpy(numpy.asarray(axes.images[0].get_array(), dtype=numpy.float64))
+
+
+def test_wp_small(tmp_path):
+    """A 3 x 3 W_p (a parameter, with its gradient) is drawn as it is: |W_p| and |w_ij / w_ii| in two titled
+    panels under a title with the step, each with a colour bar from 0 to its largest value. The figure is
+    freed once dropped. A zero diagonal entry leaves its row of (b) blank, without a warning."""
+    w = torch.nn.Parameter(torch.tensor([[2.0, -1.0, 0.5], [0.3, -4.0, 2.0], [-0.1, 0.2, 0.5]]))
+    figure, panels = draw_wp(tmp_path, w, 7)
+    assert figure.get_suptitle() == "W_p at step 7: 3 x 3"
+    assert [axes.get_title() for axes in panels] == WP_TITLES
+    magnitudes = torch.tensor([[2.0, 1.0, 0.5], [0.3, 4.0, 2.0], [0.1, 0.2, 0.5]], dtype=torch.float64)
+    relative = torch.tensor([[1.0, 0.5, 0.25], [0.075, 1.0, 0.5], [0.2, 0.4, 1.0]], dtype=torch.float64)
+    assert torch.allclose(picture(panels[0]), magnitudes)
+    assert torch.allclose(picture(panels[1]), relative)
+    assert len(figure.axes) == 4
+    for axes, largest in zip(panels, (4.0, 1.0)):
+        colour_bar = axes.images[0].colorbar
+        assert colour_bar is not None and colour_bar.ax in figure.axes
+        assert (colour_bar.vmin, colour_bar.vmax) == pytest.approx((0.0, largest))
+    freed = weakref.ref(draw_wp(tmp_path, w, 7)[0])
+    gc.collect()
+    assert freed() is None
+    with torch.no_grad():
+        w[1, 1] = 0.0
+    _, panels = draw_wp(tmp_path, w, 8)
+    blank = numpy.ma.getmaskarray(panels[1].images[0].get_array())
+    assert blank[1].all() and not blank[0].any() and not blank[2].any()
+
+
+def test_wp_large_is_pooled(tmp_path):
+    """An 8192 x 8192 W_p is drawn pooled to 256 x 256: each value the mean of |W_p| (or |w_ij / w_ii|) over
+    a 32 x 32 block, and the title says so."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(8192, 8192, generator=generator) + 4 * torch.eye(8192)
+    figure, panels = draw_wp(tmp_path, w, 1200)
+    assert figure.get_suptitle() == "W_p at step 1200: 8192 x 8192, shown pooled to 256 x 256"
+    assert [axes.get_title() for axes in panels] == WP_TITLES
+    magnitudes = w.abs()
+    expected = magnitudes.reshape(256, 32, 256, 32).mean(dim=(1, 3))
+    assert torch.allclose(picture(panels[0]).float(), expected, rtol=1e-5)
+    relative = magnitudes / magnitudes.diagonal()[:, None]
+    expected = relative.reshape(256, 32, 256, 32).mean(dim=(1, 3))
+    assert torch.allclose(picture(panels[1]).float(), expected, rtol=1e-5)
+    assert picture(panels[0])[3, 5].item() == pytest.approx(
+        magnitudes[96:128, 160:192].mean().item(), rel=1e-5
+    )
+    assert all(axes.images[0].colorbar is not None for axes in panels)
+
+
+def test_wp_pooling_uneven_blocks():
+    """D = 300 into 256: block i of the pooled pictures covers rows floor(300 i / 256) to
+    ceil(300 (i + 1) / 256), one or two rows (and the same for columns)."""
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 300, generator=generator)
+    pooled_magnitudes, pooled_relative = curves.wp_pictures(w)
+    assert pooled_magnitudes.shape == pooled_relative.shape == (256, 256)
+    magnitudes = w.abs()
+    relative = magnitudes / magnitudes.diagonal()[:, None]
+    for i in (0, 1, 100, 255):
+        for j in (0, 37, 255):
+            rows = slice(300 * i // 256, -(-300 * (i + 1) // 256))
+            columns = slice(300 * j // 256, -(-300 * (j + 1) // 256))
+            assert pooled_magnitudes[i, j].item() == pytest.approx(magnitudes[rows, columns].mean().item())
+            assert pooled_relative[i, j].item() == pytest.approx(relative[rows, columns].mean().item())
+    assert curves.wp_pictures(w, size=300)[0].equal(magnitudes)
 
 
 # ----------------------------------------------------------------------------- W&B, offline

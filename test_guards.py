@@ -266,3 +266,81 @@ def test_local_links_resolve_and_nothing_outside_is_cited():
                 if not target.startswith("http"):
                     path = os.path.join(HERE, os.path.dirname(name), target)
                     assert os.path.exists(path), (name, target)
+
+
+def help_texts(text):
+    """The options of a --help as {an option's first flag: its help, on one line}."""
+    helps = {}
+    flag_name = None
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            invocation, _, help_start = line.strip().partition("  ")
+            flag_name = invocation.split()[0].rstrip(",")
+            helps[flag_name] = help_start.strip()
+        elif flag_name is not None and line.strip():
+            helps[flag_name] = (helps[flag_name] + " " + line.strip()).strip()
+    return helps
+
+
+def shown_defaults(text):
+    """The defaults a help names per profile or loss: "(default: 2048 for folders, 256 for cifar and
+    synthetic)" -> {"folder": "2048", "cifar": "256", "synthetic": "256"}."""
+    shown = re.search(r"\(default: ([^)]*)\)", text).group(1)
+    values = {}
+    for part in shown.split(", "):
+        value, _, names = part.partition(" for ")
+        for name in names.split(" and "):
+            values["folder" if name == "folders" else name] = value
+    return values
+
+
+def test_help_shows_every_default():
+    """python decorr.py --help: the description as written; every flag but -h and the switches says its
+    default, a fixed one as "(default: VALUE)"; the defaults per data profile are PROFILES' and LARS_ETA's
+    and the ones per loss LOSSES', and they are what a run uses; --out names every output of a run, and
+    --compile says it is for CUDA only."""
+    environment = dict(os.environ, COLUMNS="1000")  # no line wrapped
+    p = subprocess.run(
+        [sys.executable, "decorr.py", "--help"], cwd=HERE, capture_output=True, text=True, env=environment
+    )
+    assert p.returncode == 0, p.stderr
+    assert config.DESCRIPTION in p.stdout
+    helps = help_texts(p.stdout)
+    actions = config.make_parser()._actions
+    assert set(helps) == {action.option_strings[0] for action in actions}
+    for action in actions:
+        if action.nargs == 0:  # -h and the switches
+            continue
+        text = helps[action.option_strings[0]]
+        assert "default" in text, action.option_strings[0]
+        if action.default is not None:
+            assert text.endswith(f"(default: {action.default})"), action.option_strings[0]
+    profile_flags = dict(arch="--arch", img_size="--img-size", proj="--proj", epochs="--epochs")
+    profile_flags.update(batch_size="--batch-size", wd="--wd")
+    for name, flag_name in profile_flags.items():
+        shown = shown_defaults(helps[flag_name])
+        assert shown == {profile: str(values[name]) for profile, values in config.PROFILES.items()}, flag_name
+    assert shown_defaults(helps["--lars-eta"]) == {
+        profile: str(eta) for profile, eta in config.LARS_ETA.items()
+    }
+    for data, profile in (("synthetic", "synthetic"), ("cifar10", "cifar"), ("images", "folder")):
+        args = config.parse_args(["--data", data])
+        for name, flag_name in profile_flags.items():
+            assert str(getattr(args, name)) == shown_defaults(helps[flag_name])[profile], (data, flag_name)
+        assert str(args.lars_eta) == shown_defaults(helps["--lars-eta"])[profile]
+    loss_flags = dict(
+        inv_coef="--inv-coef", cov_coef="--cov-coef", std_coef="--std-coef", tau_base="--tau-base"
+    )
+    for name, flag_name in loss_flags.items():
+        shown = shown_defaults(helps[flag_name])
+        assert shown == {
+            loss: str(values[name]) for loss, (values, _) in config.LOSSES.items() if name in values
+        }
+        for loss, value in shown.items():
+            assert str(getattr(config.parse_args(["--loss", loss]), name)) == value, (loss, flag_name)
+    out_help = helps["--out"]
+    for name in decorr.OUTPUTS:
+        assert name in out_help, name
+    for words in ("curves.png", "wp.png (linear predictor only)", "lineval.py appends eval.jsonl", "wandb/"):
+        assert words in out_help, words
+    assert "CUDA only" in helps["--compile"]

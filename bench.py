@@ -715,7 +715,7 @@ def at_least(low):
     """An argparse type: an integer of at least low."""
 
     def integer(s):
-        if not s.isdigit() or int(s) < low:
+        if not s.isdecimal() or int(s) < low:
             raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= {low}")
         return int(s)
 
@@ -726,49 +726,81 @@ positive = at_least(1)
 not_negative = at_least(0)
 
 
+def seconds(s):
+    """An argparse type: a finite number above 0 (not nan, not inf)."""
+    try:
+        value = float(s)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number > 0")
+    return value
+
+
 def positives(s):  # "1,8,32" -> [1, 8, 32]
-    return [positive(x) for x in s.split(",")]
+    if not all(x.isdecimal() and int(x) >= 1 for x in s.split(",")):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a list of integers >= 1 like 1,8,32")
+    return [int(x) for x in s.split(",")]
 
 
-def projectors(s):
-    for proj in s.split(","):
-        config.parse_proj(proj)
+def projectors(s):  # "4096-256,2048-2048-2048" -> ["4096-256", "2048-2048-2048"]
+    try:
+        for proj in s.split(","):
+            config.parse_proj(proj)
+    except (UsageError, ValueError):
+        message = f"{s!r} is not a list of projectors like 4096-256,2048-2048-2048 (widths > 0)"
+        raise argparse.ArgumentTypeError(message) from None
     return s.split(",")
 
 
 def splits(n, ks, name):
     for k in ks:
         if n % k:
-            raise UsageError(f"{name} {n} does not split into {k} equal parts")
+            raise UsageError(f"{name} {n} does not split into --parts {k} equal parts")
+
+
+def on_device(cpu, gpu, description):
+    """The default and help of an option whose default depends on the device: CPU cpu, GPU gpu, as
+    command-line text (argparse reads a text default with the option's type)."""
+    default = gpu if torch.cuda.is_available() else cpu
+    return dict(default=default, help=f"{description} (default: CPU {cpu}; GPU {gpu})")
+
+
+REPEATS = dict(loss=("3", "10"), train=("3", "20"), data=("10", "10"))  # timed rounds on a CPU, a GPU
 
 
 def add_arguments(commands):
     """The options of each sub-command ({name: its parser})."""
     for name, s in commands.items():
-        s.add_argument("--json", metavar="PATH", help="also write settings, machine and results here")
-        s.add_argument("--warmup", type=not_negative, help="untimed runs (default: CPU 1, GPU 3)")
-        help_repeats = "timed rounds (default: CPU 3, data 10; GPU 10, train 20)"
-        s.add_argument("--repeats", "--steps", type=positive, help=help_repeats)
-        s.add_argument("--max-time", type=float, help="seconds, then no new round (default: CPU 10, GPU 30)")
+        help_json = "also write settings, machine and results here (default: none)"
+        s.add_argument("--json", metavar="PATH", help=help_json)
+        s.add_argument("--warmup", type=not_negative, **on_device("1", "3", "untimed runs of each, 0: none"))
+        s.add_argument("--repeats", "--steps", type=positive, **on_device(*REPEATS[name], "timed rounds"))
+        s.add_argument("--max-time", type=seconds, **on_device("10", "30", "seconds, then no new round"))
         if name in ("train", "data"):
-            s.add_argument("--amp", choices=("bf16", "fp16", "none"), help="default: decorr.py's")
+            help_amp = "autocast (default: decorr.py's: bf16 where the machine supports it, else none)"
+            s.add_argument("--amp", choices=("bf16", "fp16", "none"), help=help_amp)
     loss = commands["loss"].add_argument
-    loss("--dims", type=positives, help="D values (default: CPU 2048,4096; GPU 2048,4096,8192)")
-    loss("--parts", type=positives, default=[1, 8, 32], help="partition counts (default 1,8,32)")
-    loss("--rows", type=positive, default=1024, help="rows (default 1024)")
+    loss("--dims", type=positives, **on_device("2048,4096", "2048,4096,8192", "D values, comma-separated"))
+    help_parts = "partition counts, comma-separated (default: %(default)s)"
+    loss("--parts", type=positives, default="1,8,32", help=help_parts)
+    loss("--rows", type=at_least(2), default=1024, help="rows, at least 2 (default: %(default)s)")
     train = commands["train"].add_argument
-    train("--projs", type=projectors, default=["4096-256", "2048-2048-2048", "8192-8192-8192"])
-    train("--arch", choices=config.ARCHS, help="default: CPU resnet18, GPU resnet50")
-    train("--img-size", type=positive, help="default: CPU 32, GPU 224")
-    train("--batch", type=positive, help="images per step (default: CPU 64, GPU 256)")
-    train("--parts", type=positive, default=1, help="k, partitions of the batch (default 1)")
+    help_projs = "projectors, comma-separated: widths joined by -, the last is D (default: %(default)s)"
+    train("--projs", type=projectors, default="4096-256,2048-2048-2048,8192-8192-8192", help=help_projs)
+    train("--arch", choices=config.ARCHS, **on_device("resnet18", "resnet50", "backbone"))
+    train("--img-size", type=positive, **on_device("32", "224", "image size in px"))
+    train("--batch", type=at_least(2), **on_device("64", "256", "images per step, at least 2"))
+    train("--parts", type=positive, default=1, help="k, partitions of the batch (default: %(default)s)")
     threads = torch.get_num_threads()
     workers = max(0, min(10, (os.cpu_count() or 1) - 1))
     data_ = commands["data"].add_argument
-    data_("--batch", type=positive, default=256, help="images per batch (default 256, as decorr.py)")
-    data_("--threads", type=positive, default=threads, help=f"here, and per-sample loaders ({threads})")
-    data_("--workers", type=not_negative, default=workers, help=f"the folder's loader processes ({workers})")
-    data_("--folder-size", type=positive, default=224, help="crop size for the folder (default 224)")
+    data_("--batch", type=at_least(2), default=256, help="images a batch, at least 2 (default: %(default)s)")
+    help_threads = "threads here, and per-sample loader processes (default: %(default)s, torch's threads)"
+    data_("--threads", type=positive, default=threads, help=help_threads)
+    help_workers = "the folder's loader processes, 0: none (default: %(default)s = CPUs - 1, at most 10)"
+    data_("--workers", type=not_negative, default=workers, help=help_workers)
+    data_("--folder-size", type=positive, default=224, help="crop size in px (default: %(default)s)")
 
 
 def parse_args(argv):
@@ -781,31 +813,15 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{loss,train,data}")
     add_arguments({name: sub.add_parser(name) for name in ("loss", "train", "data")})
     a = p.parse_args(argv)
-
-    gpu = torch.cuda.is_available()
-    a.device = "cuda" if gpu else "cpu"
-    if a.warmup is None:
-        a.warmup = 3 if gpu else 1
-    if a.repeats is None and gpu:
-        a.repeats = 20 if a.cmd == "train" else 10
-    if a.repeats is None:
-        a.repeats = 10 if a.cmd == "data" else 3
-    if a.max_time is None:
-        a.max_time = 30.0 if gpu else 10.0
-    if a.max_time <= 0:
-        raise UsageError(f"--max-time must be positive, got {a.max_time:g}")
+    a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.cmd in ("train", "data") and a.amp is None:  # decorr.py's default: bf16 where supported
         a.amp = config.parse_args([]).amp
     if a.cmd == "loss":
-        a.dims = a.dims or ([2048, 4096, 8192] if gpu else [2048, 4096])
         splits(a.rows, a.parts, "--rows")
     if a.cmd == "train":
-        a.arch = a.arch or ("resnet50" if gpu else "resnet18")
-        a.img_size = a.img_size or (224 if gpu else 32)
-        a.batch = a.batch or (256 if gpu else 64)
         splits(a.batch, [a.parts], "--batch")
-    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
-        raise UsageError(f"--json {a.json!r}: no such directory")
+    if a.json and (os.path.isdir(a.json) or not os.path.isdir(os.path.dirname(os.path.abspath(a.json)))):
+        raise UsageError(f"--json {a.json!r}: not a file in an existing directory")
     return a
 
 

@@ -354,33 +354,116 @@ def test_data_small_prints_no_impossible_ratio(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv,named",
     [
-        [],
-        ["nope"],
-        ["loss", "--dims", "a,b"],
-        ["loss", "--dims", "0"],
-        ["loss", "--rows", "10", "--parts", "3"],
-        ["loss", "--max-time", "0"],
-        ["loss", "--json", "/no/such/dir/x.json"],
-        ["loss", "--bogus"],
-        ["train", "--projs", "12-x"],
-        ["train", "--projs", "2048-0"],
-        ["train", "--arch", "vgg"],
-        ["train", "--batch", "6", "--parts", "4"],
-        ["train", "--amp", "fp8"],
-        ["train", "--warmup", "-1"],
-        ["data", "--workers", "-1"],
-        ["data", "--threads", "0"],
-        ["parts"],
+        ([], []),
+        (["nope"], []),
+        (["loss", "--dims", "a,b"], ["--dims"]),
+        (["loss", "--dims", "0"], ["--dims"]),
+        (["loss", "--rows", "10", "--parts", "3"], ["--rows", "--parts"]),
+        (["loss", "--max-time", "0"], ["--max-time"]),
+        (["loss", "--json", "/no/such/dir/x.json"], ["--json"]),
+        (["loss", "--json", "."], ["--json"]),  # a directory
+        (["loss", "--bogus"], ["--bogus"]),
+        (["train", "--projs", "12-x"], ["--projs"]),
+        (["train", "--projs", "2048-0"], ["--projs"]),
+        (["train", "--arch", "vgg"], ["--arch"]),
+        (["train", "--batch", "6", "--parts", "4"], ["--batch", "--parts"]),
+        (["train", "--amp", "fp8"], ["--amp"]),
+        (["train", "--warmup", "-1"], ["--warmup"]),
+        (["data", "--workers", "-1"], ["--workers"]),
+        (["data", "--threads", "0"], ["--threads"]),
+        (["parts"], []),
     ],
 )
-def test_bad_input_one_line_exit_2(argv, capsys):
+def test_bad_input_one_line_exit_2(argv, named, capsys):
+    """One line on stderr, which names the flags the user typed (and no other)."""
     assert bench.cli(argv) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.py: error: "), err
+    assert re.findall(r"--[\w-]+", lines[0]) == named, err
     assert out == ""
+
+
+# Each sub-command's settings at a tiny size, so that a bad value let through ends at once (and fails the
+# test) instead of running long; and every numeric flag of each, with a value out of its range.
+TINY = dict(
+    loss=["--dims", "8", "--parts", "1", "--rows", "16"],
+    train=["--projs", "8-4", "--img-size", "8", "--batch", "4", "--amp", "none"],
+    data=["--batch", "8", "--threads", "1", "--workers", "0", "--folder-size", "8", "--amp", "none"],
+)
+ROUNDS = {"--warmup": "-1", "--repeats": "0", "--steps": "0", "--max-time": "0"}
+OUT_OF_RANGE = dict(
+    loss=dict(ROUNDS, **{"--dims": "8,0", "--parts": "1,0", "--rows": "1"}),
+    train=dict(ROUNDS, **{"--img-size": "0", "--batch": "1", "--parts": "0"}),
+    data=dict(ROUNDS, **{"--batch": "1", "--threads": "0", "--workers": "-1", "--folder-size": "0"}),
+)
+NUMBERS = [
+    (command, flag, value)
+    for command, flags in OUT_OF_RANGE.items()
+    for flag, out_of_range in flags.items()
+    for value in ("nan", "inf", out_of_range)
+]
+
+
+@pytest.mark.parametrize("command,flag,value", NUMBERS)
+def test_numbers_checked_before_anything_runs(command, flag, value, tmp_path, capsys):
+    """nan, inf and a value out of range: one line naming the flag and the value, exit 2, no --json file."""
+    out = tmp_path / "out.json"
+    rounds = ["--warmup", "0", "--repeats", "1", "--max-time", "1"]
+    argv = [command, *TINY[command], *rounds, flag, value, "--json", str(out)]
+    assert bench.cli(argv) == 2
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench.py: error: "), stderr
+    assert flag in lines[0] and repr(value) in lines[0], stderr
+    assert stdout == "" and not out.exists()
+
+
+def options(command, capsys, monkeypatch):
+    """{flag: its help} of bench.py COMMAND --help, each on one line; an option's first flag names it."""
+    monkeypatch.setenv("COLUMNS", "400")  # no line broken inside a default
+    with pytest.raises(SystemExit):
+        bench.cli([command, "--help"])
+    listing = capsys.readouterr().out.split("\noptions:\n")[1]
+    blocks = re.split(r"\n(?=  -)", listing)
+    return {block.split()[0].rstrip(","): " ".join(block.split()) for block in blocks}
+
+
+def shown_default(help_text):
+    """The default an option's help shows (its first word), this device's where it depends on the device."""
+    shown = help_text.split("(default: ")[1].split(")")[0]
+    if shown.startswith("CPU "):
+        cpu, gpu = shown.split("; ")
+        shown = (gpu if torch.cuda.is_available() else cpu).split(" ", 1)[1]
+    return shown.split()[0].rstrip(",")
+
+
+@pytest.mark.parametrize("command", ["loss", "train", "data"])
+def test_every_option_shows_its_default(command, capsys, monkeypatch):
+    """Each option's help shows its default, and the default shown is the one used; the numeric options
+    are the ones test_numbers_checked_before_anything_runs covers."""
+    helps = options(command, capsys, monkeypatch)
+    del helps["-h"]
+    for help_text in helps.values():
+        assert re.search(r"\(default: [^)]+\)", help_text), help_text
+    defaults = vars(bench.parse_args([command]))
+    for flag in set(helps) - {"--json", "--amp"}:  # none; decorr.py's
+        assert vars(bench.parse_args([command, flag, shown_default(helps[flag])])) == defaults, flag
+    numbers = [flag for flag, help_text in helps.items() if help_text.split()[1].isupper()]  # a METAVAR
+    assert set(numbers) - {"--json", "--projs"} == set(OUT_OF_RANGE[command]) - {"--steps"}
+
+
+def test_projs_help_and_error(capsys, monkeypatch):
+    """--projs: what it is, its format and its default in --help; its errors name --projs."""
+    help_text = options("train", capsys, monkeypatch)["--projs"]
+    assert "projectors, comma-separated: widths joined by -, the last is D" in help_text
+    assert "(default: 4096-256,2048-2048-2048,8192-8192-8192)" in help_text
+    for projs in ("4096-256,12-x", "2048-0", "4096-256,"):
+        assert bench.cli(["train", "--projs", projs]) == 2
+        err = capsys.readouterr().err
+        assert re.findall(r"--[\w-]+", err) == ["--projs"] and repr(projs) in err, err
 
 
 def test_bad_input_from_the_shell():

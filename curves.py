@@ -33,7 +33,7 @@ SHARED_PANELS = [title for title, keys in DIAGNOSTICS_PANELS if len(keys) > 1]
 COLUMNS = 3
 # a linear-scale panel's y axis shows at least this fraction of the largest magnitude of its values
 MINIMUM_SPAN = 0.05
-# wp.png shows W_p average-pooled to at most this many rows and columns (as decorr.wp_picture does)
+# wp.png shows W_p average-pooled to at most this many rows and columns
 WP_SIZE = 256
 WP_TITLES = ("|W_p| (Fig. 3a)", "|W_p| rows / their diagonal entry (Fig. 3b)")
 WANDB_MISSING = "--wandb needs the wandb package: pip install wandb"
@@ -254,8 +254,8 @@ def pool_columns(matrix, size):
 def wp_pictures(w, size=WP_SIZE):
     """The two pictures of wp.png (Appendix C, Fig. 3) as float32 CPU tensors: (a) |W_p| and (b) |W_p|
     with each row divided by its diagonal entry, |w_ij / w_ii|. Where W_p has more than size rows, each
-    is average-pooled to size x size (the mean of the magnitudes over blocks of W_p, as decorr.wp_picture
-    pools them); where it has no more, they are the magnitudes themselves."""
+    is average-pooled to size x size (the mean of the magnitudes over blocks of W_p); where it has no
+    more, they are the magnitudes themselves."""
     w = w.detach().float().cpu()
     magnitudes = w.abs()
     diagonal = magnitudes.diagonal()[:, None]

@@ -7,6 +7,7 @@ decorr.py calls load_data() once and batches() for the training loop; lineval.py
 eval_transform(). UsageError, rank_world and atomic_write, which every file uses, are defined here first.
 """
 
+import fcntl
 import hashlib
 import itertools
 import math
@@ -43,6 +44,43 @@ def atomic_write(path, write):
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(folder)
     os.close(folder)
+
+
+# The --out folder of a run is held by it for as long as it lives: an OS lock (flock) on LOCK_NAME, which
+# the OS releases when the process ends, however it ends; the file names the holder's pid.
+LOCK_NAME = "run.lock"
+HELD = {}  # folder -> the open lock file of a run of this process
+
+
+def hold_folder(folder, program):
+    """Lock folder (created if need be) for this process's run; a folder that another run holds is a
+    UsageError naming its pid, and nothing is written. A lock this process kept from a run that
+    ended with an exception (in-process use: tests, notebooks) is given up first."""
+    folder = os.path.realpath(folder)
+    release_folder(folder)
+    os.makedirs(folder, exist_ok=True)
+    fh = open(os.path.join(folder, LOCK_NAME), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise UsageError(
+            f"{folder} is in use by another run (pid {holder}): wait for it to end, or use another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()} {program}\n")
+    fh.flush()
+    HELD[folder] = fh
+    return fh
+
+
+def release_folder(folder):
+    fh = HELD.pop(os.path.realpath(folder), None)
+    if fh is not None:
+        fh.close()  # closing the file releases the lock
 
 
 SYNTH_TRAIN = 5000  # images of the built-in data

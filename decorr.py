@@ -16,6 +16,7 @@ baselines.py, the sums over processes and BatchNorm synchronised on CPUs in dist
 """
 
 import datetime
+import fcntl
 import functools
 import json
 import math
@@ -30,7 +31,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 from baselines import (
     bridge_align,
@@ -46,8 +46,17 @@ from baselines import (
     simsiam_projector,
 )
 from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
-from curves import check_wandb, draw_curves, wandb_finish, wandb_images, wandb_log, wandb_start
-from data import UsageError, atomic_write, batches, eval_transform, load_data, rank_world
+from curves import check_wandb, draw_curves, draw_wp, wandb_finish, wandb_images, wandb_log, wandb_start
+from data import (
+    UsageError,
+    atomic_write,
+    batches,
+    eval_transform,
+    hold_folder,
+    load_data,
+    rank_world,
+    release_folder,
+)
 from distributed import AllGather, AllReduce, batch_stats, global_sum, sync_batchnorm
 
 # ----------------------------------------------------------------------------- 1. the method
@@ -441,11 +450,21 @@ def knn_predict(bank, bank_y, query, num_classes, k=20, t=0.07):
     return votes.argmax(1)
 
 
-def fixed_batch(dataset, n, size, small, device):
-    """n images spread over the dataset, without augmentation, and their labels: the diagnostics' batch."""
+def fixed_batch(dataset, n, size, small, device, unreadable=None):
+    """n images spread over the dataset, without augmentation, and their labels: the diagnostics' batch.
+    An image folder's unreadable images, each replaced by the next readable one, are added to the
+    list unreadable."""
     evaluate = eval_transform(size, small)
     indices = range(0, len(dataset), max(1, len(dataset) // n))[:n]
-    items = [dataset[i] for i in indices]
+    items = []
+    for i in indices:
+        if hasattr(dataset, "read"):  # an image folder: (image, label, the unreadable paths skipped)
+            image, label, bad = dataset.read(i)
+            if unreadable is not None:
+                unreadable.extend(bad)
+            items.append((image, label))
+        else:
+            items.append(dataset[i])
     images = torch.stack([evaluate(x) for x, _ in items]).to(device)
     labels = torch.tensor([y for _, y in items])
     return images, labels
@@ -487,24 +506,13 @@ def predictor_input(args, z):
     return z
 
 
-def wp_picture(w, size=256):
-    """Appendix C, Fig. 3: (a) |W_p|, (b) rows divided by their diagonal; side by side, uint8."""
-    w = w.detach().float().cpu()
-    panels = []
-    for m in (w.abs(), (w / w.diagonal()[:, None]).abs()):
-        pooled = F.adaptive_avg_pool2d(m[None, None], min(size, len(m)))
-        panel = F.interpolate(pooled, size)[0, 0]
-        panels.append(panel / panel.max().clamp_min(1e-12))
-    picture = torch.cat([panels[0], torch.ones(size, 4), panels[1]], 1).clamp(0, 1)
-    rgb = torch.stack([picture.sqrt(), picture, picture.pow(2)])  # dark to yellow
-    return (rgb * 255).round().to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------- 5. files
 
 
 def append_jsonl(path, row):
+    """One whole line at the end of path, under an exclusive lock: lines of several writers never mix."""
     with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -625,12 +633,29 @@ def trim_log(log_path, step):
     atomic_write(log_path, lambda fh: fh.write(text.encode()))
 
 
-def catch_stop_signals():
-    """A list that SIGTERM and SIGUSR1 append to (preemption: SLURM sends SIGUSR1 first)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def catch_stop_signals(numbers=STOP_SIGNALS):
+    """(a list, the handlers replaced): SIGTERM, SIGUSR1 (preemption: SLURM sends SIGUSR1 first) and a
+    first Ctrl-C append to the list, and the run stops with a checkpoint; a second Ctrl-C aborts."""
     received = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda number, frame: received.append(number))
-    return received
+
+    def stop(number, frame):
+        received.append(number)
+
+    def interrupt(number, frame):
+        if signal.SIGINT in received:
+            raise KeyboardInterrupt
+        received.append(number)
+        print(
+            "decorr.py: Ctrl-C: stopping with a checkpoint; Ctrl-C again aborts", file=sys.stderr, flush=True
+        )
+
+    previous = {}
+    for number in numbers:
+        previous[number] = signal.signal(number, interrupt if number == signal.SIGINT else stop)
+    return received, previous
 
 
 def read_device(loss, term_values, seen_bad, stop, device, world):
@@ -676,9 +701,7 @@ def run_diagnostics(raw_model, probe, bank, num_classes, amp, out, log_path, epo
         line += "  <- collapse?"
     print(line)
     if raw_model.linear_weight() is not None:
-        pixels = wp_picture(raw_model.linear_weight()).permute(1, 2, 0).numpy()
-        picture = Image.fromarray(pixels)
-        atomic_write(os.path.join(out, "wp.png"), lambda fh: picture.save(fh, format="PNG"))
+        draw_wp(raw_model.linear_weight(), step, os.path.join(out, "wp.png"))
     draw_curves(log_path, os.path.join(out, "curves.png"))
     return row
 
@@ -733,16 +756,20 @@ def main(argv=None):
     train, val, num_classes, small = load_data(args.data, args.data_root)
     steps_per_epoch = check_data(args, train, small, device)
     if master:  # the diagnostics' fixed batches
-        probe = fixed_batch(val, 256, args.img_size, small, device)
-        bank = fixed_batch(train, 384, args.img_size, small, device)
+        unreadable = []
+        probe = fixed_batch(val, 256, args.img_size, small, device, unreadable)
+        bank = fixed_batch(train, 384, args.img_size, small, device, unreadable)
     total = args.epochs * steps_per_epoch
     warmup = min(args.warmup_epochs * steps_per_epoch, total // 10)  # at most a tenth of the run
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
     last = min(total, args.steps or total)
+    if master:  # from here the folder is this run's (run.lock): a second run on it is refused
+        hold_folder(out, "decorr.py")
     ckpt = resume(args, ckpt_path, master)
     if ckpt is not None and ckpt["step"] >= last:
         say(f"{ckpt_path} is at step {ckpt['step']}, the last step asked for is {last}: nothing to do")
+        release_folder(out)
         return
 
     # the model, the optimiser and the processes
@@ -771,7 +798,7 @@ def main(argv=None):
     wandb_run = None
     if master and args.wandb:
         wandb_run = wandb_start(args.wandb, args.wandb_name, vars(args), out, resume=step > 0)
-    stop = catch_stop_signals()
+    stop, previous_handlers = catch_stop_signals()
 
     # the schedule
     base_lr = base_learning_rate(args)
@@ -788,6 +815,12 @@ def main(argv=None):
     bad_images = 0
     seen_bad = 0
     reported = set()
+    if master:  # the diagnostics' batches: each unreadable image named once, and counted
+        for path in sorted(set(unreadable)):
+            message = f"decorr.py: cannot read image {path}: replaced by the next readable one"
+            print(message + " in the diagnostics' batch (log.jsonl: bad_images)", flush=True)
+        reported.update(unreadable)
+        seen_bad = len(reported)
     for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):
         for path in sorted(set(bad) - reported):
             message = f"decorr.py: cannot read image {path}: replaced by the next readable one"
@@ -809,8 +842,9 @@ def main(argv=None):
             or step % (args.save_every_steps or steps_per_epoch) == 0
         )
 
-        # the CPU reads the device here only: in between, a GPU never waits for it
-        if log_now or diagnose_now or save_now:
+        # the CPU reads the device here only: in between, a GPU never waits for it (one process reads it
+        # at once after a signal; several wait for the next logged step, where they agree to stop)
+        if log_now or diagnose_now or save_now or (world == 1 and stop):
             loss_value, values, bad_images, stopping = read_device(
                 loss, term_values, seen_bad, stop, device, world
             )
@@ -855,6 +889,9 @@ def main(argv=None):
     if wandb_run:
         wandb_finish(wandb_run)
     say(f"{'stopped by signal' if stopping else 'done'} at step {step}: {out}/")
+    for number, handler in previous_handlers.items():
+        signal.signal(number, handler)
+    release_folder(out)
     del model, raw_model, opt  # torchrun + gloo: release the model before the barrier
     if world > 1:
         dist.barrier()
@@ -868,6 +905,10 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"decorr.py: error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("decorr.py: aborted by Ctrl-C; the last checkpoint written is kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

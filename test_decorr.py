@@ -719,21 +719,6 @@ def test_knn_predict_separated_clusters():
     assert (pred == query_y).float().mean().item() >= 0.99
 
 
-def test_wp_picture_diagonal_is_bright():
-    g = torch.Generator().manual_seed(17)
-    D, size = 16, 64
-    w = torch.diag(torch.rand(D, generator=g) + 0.5) + 0.05 * torch.randn(D, D, generator=g)
-    img = decorr.wp_picture(w, size=size)
-    assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3 and img.shape[1] == size
-    a = img[1].float()  # green channel: increasing in |W|
-    i = torch.arange(size)
-    block = i // (size // D)
-    on = block.view(-1, 1) == block.view(1, -1)
-    for x0 in (0, img.shape[2] - size):  # both panels
-        panel = a[:, x0 : x0 + size]
-        assert panel[on].min() > panel[~on].max(), f"panel at x={x0}: diagonal not brighter"
-
-
 # ----------------------------------------------------------------------------- 8. LARS and schedule
 
 

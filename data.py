@@ -64,10 +64,11 @@ def hold_folder(folder, program):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.seek(0)
-        holder = fh.read().strip() or "unknown"
+        pid, _, holder = fh.read().strip().partition(" ")
         fh.close()
         raise UsageError(
-            f"{folder} is in use by another run (pid {holder}): wait for it to end, or use another --out"
+            f"{folder} is in use by another run ({holder or 'a program'}, pid {pid or 'unknown'}): wait "
+            "for it to end, or use another --out"
         ) from None
     fh.seek(0)
     fh.truncate()

@@ -815,12 +815,12 @@ def main(argv=None):
     bad_images = 0
     seen_bad = 0
     reported = set()
-    if master:  # the diagnostics' batches: each unreadable image named once, and counted
+    if master:  # the diagnostics' batches: each unreadable image named once, each replacement counted
         for path in sorted(set(unreadable)):
             message = f"decorr.py: cannot read image {path}: replaced by the next readable one"
             print(message + " in the diagnostics' batch (log.jsonl: bad_images)", flush=True)
         reported.update(unreadable)
-        seen_bad = len(reported)
+        seen_bad = len(unreadable)
     for x1, x2, bad in batches(train, args.img_size <= 64, args, device, step, last):
         for path in sorted(set(bad) - reported):
             message = f"decorr.py: cannot read image {path}: replaced by the next readable one"

@@ -19,9 +19,12 @@ unless given. Modes:
 at the number of train images. An image of a folder that cannot be read is replaced by the next
 readable one and named on stdout; the JSON counts them (unreadable_images).
 The last line of stdout is one JSON object (top1, top5 in percent, ...); for a decorr folder it is
-also appended to CKPT/eval.jsonl. There "full": true marks the run's results: the trained backbone
-evaluated on every image (no --limit, no --random-init); "mode", "limit" and "random_init" say
-what the other rows are.
+also appended to CKPT/eval.jsonl (safe beside a run, and beside another lineval.py). Each row records
+its settings (mode, lr, wd, epochs, batch_size, img_size, limit, holdout) and the checkpoint's step
+out of its run's last (step, run_last_step). "full": true marks the run's result: the checkpoint of
+the run's last step, probed with the default settings on every image.
+--random-init first estimates the untrained network's BatchNorm statistics (--bn-passes): a network
+whose statistics were never estimated is a floor too low.
 """
 
 import argparse
@@ -37,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from config import ARCHS, PROFILES, Parser, profile_name
+from config import ARCHS, PROFILES, HelpFormatter, Parser, profile_name
 from data import MEAN, STD, Folder, UsageError, batches, eval_transform, load_data
 from decorr import append_jsonl, build_backbone, knn_predict, load_checkpoint
 
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     p = Parser(
         description=__doc__.split("\n\n")[0].strip(),
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("ckpt", nargs="?", help="decorr folder, checkpoint.pt, backbone.pt or torchvision state_dict")
@@ -96,7 +99,12 @@ def parse_args(argv=None):
     )
     a("--workers", type=int, default=None, help="data loader processes per device")
     a("--limit", type=int, default=0, help="use at most N images of each split, evenly spaced (quick checks)")
-    a("--seed", type=int, default=0)
+    a(
+        "--seed",
+        type=int,
+        default=0,
+        help="the probe's initialisation and order; --random-init: the network's",
+    )
     args = p.parse_args(argv)
     if args.ckpt is None and not args.random_init:
         raise UsageError(
@@ -108,12 +116,48 @@ def parse_args(argv=None):
         raise UsageError("--bn-passes is for --random-init (a trained backbone has its statistics)")
     if args.random_init and args.bn_passes is None:
         args.bn_passes = 12
-    lowest = dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0, bn_passes=0, holdout=0)
-    for name, low in lowest.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    check_numbers(args)
     return args
+
+
+# the numeric flags and their lowest values (the lr is positive, the weight decay may be 0)
+LOWEST = dict(epochs=1, fast_epochs=1, batch_size=1, img_size=1, knn=0, limit=0, bn_passes=0, holdout=0)
+LOWEST.update(workers=0, wd=0.0)
+
+
+def check_numbers(args):
+    """Every numeric flag finite and in its range, before anything is read or written."""
+    for name, low in LOWEST.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise UsageError(f"--{name.replace('_', '-')} must be a number >= {low}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+
+
+def default_protocol(args, run):
+    """Whether the probe's settings are the defaults (the lr of the mode's, the run's image size, every
+    image of the data): only then can a row be the run's result."""
+    parser_defaults = parse_args(["--random-init"])
+    same = all(getattr(args, name) == getattr(parser_defaults, name) for name in ("wd", "batch_size"))
+    if args.mode == "linear":
+        same = same and args.epochs == parser_defaults.epochs
+    else:
+        same = same and args.fast_epochs == parser_defaults.fast_epochs
+    return (
+        same
+        and not args.lr_given
+        and not args.limit
+        and not args.holdout
+        and args.img_size == run.get("img_size")
+    )
+
+
+def last_step(run, n_train):
+    """The last step of a decorr run's schedule (its epochs of the full training set), or None."""
+    if not run.get("epochs") or not run.get("batch_size"):
+        return None
+    return run["epochs"] * (n_train // run["batch_size"])
 
 
 def default_amp(cuda):
@@ -435,7 +479,7 @@ def linear_eval(net, dim, train, val, num_classes, args, device, amp, rank, worl
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=device_ids)
-    lr0 = 0.3 if args.lr is None else args.lr
+    lr0 = args.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=args.wd)
     local_batch = args.batch_size // world
     sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True, seed=args.seed)
@@ -550,6 +594,7 @@ def main(argv=None):
         load_weights(net, state, args.arch, small_stem, file)
     del state
     train, val, num_classes, small = load_data(args.data, args.data_root)
+    run_last_step = last_step(run, len(train))
     train = evenly(train, args.limit)
     val = evenly(val, args.limit)
     augmented = train
@@ -558,6 +603,9 @@ def main(argv=None):
     if args.mode is None:
         fits = world == 1 and len(train) * dim * 4 <= FAST_MAX_BYTES
         args.mode = "fast" if fits else "linear"
+    args.lr_given = args.lr is not None
+    if args.lr is None:  # SGD on augmented images, Adam on cached features
+        args.lr = 0.3 if args.mode == "linear" else 1e-3
     if world > 1 and (args.mode == "fast" or args.knn):
         raise UsageError("--mode fast and --knn run in one process: use python, not torchrun")
     if args.batch_size % world:
@@ -614,9 +662,8 @@ def main(argv=None):
         (xt, yt), (xv, yv) = features
         say(f"features: train {tuple(xt.shape)}, val {tuple(xv.shape)} in {time.time() - t0:.1f} s")
     if args.mode == "fast":
-        lr = 1e-3 if args.lr is None else args.lr
         head = fit_linear(
-            xt.to(device), yt, num_classes, args.fast_epochs, lr, args.wd, args.batch_size, args.seed
+            xt.to(device), yt, num_classes, args.fast_epochs, args.lr, args.wd, args.batch_size, args.seed
         )
         with torch.no_grad():
             c1, c5 = topk_correct(head(xv.to(device)), yv.to(device))
@@ -628,14 +675,19 @@ def main(argv=None):
         gathered = [None] * world
         dist.all_gather_object(gathered, paths)
         paths = sorted(set().union(*gathered))
+    final = step is not None and step == run_last_step
     result.update(
+        lr=args.lr,
+        wd=args.wd,
+        batch_size=args.batch_size,
         ckpt=file or None,
         step=step,
+        run_last_step=run_last_step,
         random_init=args.random_init,
         bn_passes=args.bn_passes,
         limit=args.limit,
         holdout=args.holdout,
-        full=not args.random_init and not args.limit and not args.holdout,
+        full=not args.random_init and final and default_protocol(args, run),
         arch=args.arch,
         small_stem=small_stem,
         data=args.data,

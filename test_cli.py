@@ -1058,3 +1058,177 @@ def test_table2_commands_match_their_rows(monkeypatch):
         assert a.proj == (proj if "^" not in proj else "-".join([width] * int(proj.split("^")[1]))), command
         assert (a.partitions, a.inv_coef, a.cov_coef) == (int(k), float(inv), float(cov)), command
         assert a.batch_size == 2048
+
+
+# ----------------------------------------------------------------------------- 10. --warmup-steps
+
+
+def test_warmup_steps_schedule_exact(monkeypatch, tmp_path):
+    """--warmup-steps 5: the lr of step s (from 1) is base (s - 1) / 5 for the first 5 steps, from
+    exactly 0 (Barlow Twins' and VICReg's warm-up), then cosine to 0 at the run's 80 steps, whatever
+    --warmup-epochs says; as many steps as asked, not a tenth of the run."""
+    given = []
+
+    def record(train_step, i, model, opt, scaler, x1, x2, lr, amp):
+        given.append(lr)
+        return fake_step(model, opt, scaler, x1, x2, lr, amp)
+
+    out, warmup, steps, total, base = tmp_path / "out", 12, 15, 80, 0.4 * 16 / 256
+    argv = SMALL_IP + ["--epochs", "20", "--warmup-steps", warmup, "--warmup-epochs", "1", "--lr", "0.4"]
+    argv += ["--steps", steps, "--diag-every", "1000", "--out", out]
+    in_process(monkeypatch, argv, wrap_step=record, n_train=64)
+    expected = [
+        base * (s - 1) / warmup
+        if s <= warmup
+        else base * 0.5 * (1 + math.cos(math.pi * (s - 1 - warmup) / (total - warmup)))
+        for s in range(1, steps + 1)
+    ]
+    logged = [r["lr"] for r in train_rows(out)]
+    assert given[0] == logged[0] == 0.0
+    for s, (a, b, e) in enumerate(zip(logged, given, expected, strict=True), 1):
+        assert a == b == pytest.approx(e, rel=1e-12, abs=0), (s, a, b, e)
+    assert logged[warmup] == pytest.approx(base, rel=1e-12) and logged[warmup + 1] < base
+
+
+def test_warmup_steps_longer_than_the_run_is_refused(tmp_path):
+    """A warm-up that leaves no step of the run is bad input: one line, exit 2, nothing written."""
+    p = run(SMALL + ["--epochs", "1", "--warmup-steps", "156", "--out", tmp_path / "out"])
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "decorr.py: error: --warmup-steps 156 leaves nothing of the run's 156 steps"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 11. one run per folder, Ctrl-C
+
+LONG = SMALL + ["--steps", "400", "--seed", "3"]
+
+
+def start(args, tmp_path, name):
+    """decorr.py started in the background, its stdout and stderr in files; returns the process."""
+    stdout = open(tmp_path / f"{name}.stdout", "w")
+    stderr = open(tmp_path / f"{name}.stderr", "w")
+    command = [sys.executable, "decorr.py", *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, env=threads())
+
+
+def wait_for_step(process, out, step, seconds=300):
+    """Wait until the run in out has logged the step (or ended)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        if (out / "log.jsonl").exists() and any(r.get("step", 0) >= step for r in complete_rows(out)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not logged in {seconds} s (exit code {process.poll()})")
+
+
+def test_a_second_run_on_a_held_folder_is_refused(tmp_path):
+    """While a run lives, its --out is held: a second run there gets one line naming the folder and the
+    holder's pid, exit 2, and writes nothing; a holder killed with SIGKILL leaves no stale lock."""
+    out = tmp_path / "out"
+    first = start(LONG + ["--out", out], tmp_path, "first")
+    try:
+        wait_for_step(first, out, 1)
+        before = sorted(os.listdir(out))
+        second = run(SMALL + ["--steps", "2", "--lr", "0.1", "--out", out])
+        assert second.returncode == 2 and second.stdout == "", second.stdout[-2000:]
+        assert second.stderr.splitlines() == [
+            f"decorr.py: error: {out.resolve()} is in use by another run (decorr.py, pid {first.pid}): wait "
+            "for it to end, or use another --out"
+        ]
+        assert sorted(os.listdir(out)) == before
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    third = run(SMALL + ["--steps", "1", "--seed", "3", "--out", out])
+    assert third.returncode == 0 and "done at step 1" in third.stdout, third.stderr[-2000:]
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    """The first Ctrl-C (SIGINT) stops the run as SIGTERM does: a checkpoint at the step it came, 'stopped
+    by signal', exit 0, no traceback; the same command resumes from there."""
+    out = tmp_path / "out"
+    process = start(LONG + ["--out", out], tmp_path, "run")
+    try:
+        wait_for_step(process, out, 2)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=300)
+    finally:
+        process.kill()
+    stdout = (tmp_path / "run.stdout").read_text()
+    stderr = (tmp_path / "run.stderr").read_text()
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "decorr.py: Ctrl-C: stopping with a checkpoint; Ctrl-C again aborts" in stderr
+    stopped = decorr.load_checkpoint(out / "checkpoint.pt")["step"]
+    assert f"stopped by signal at step {stopped}" in stdout and 2 <= stopped < 400
+    assert train_rows(out)[-1]["step"] == stopped and not (out / "backbone.pt").exists()
+    again = run(SMALL + ["--steps", str(stopped + 1), "--seed", "3", "--out", out])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.pt'} at step {stopped}" in again.stdout
+    assert f"done at step {stopped + 1}" in again.stdout
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    """Ctrl-C twice: the run aborts without waiting for the step's end: exit 130, one line on stderr
+    after the first Ctrl-C's, no traceback."""
+    out = tmp_path / "out"
+    process = start(LONG + ["--out", out], tmp_path, "run")
+    try:
+        wait_for_step(process, out, 2)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=300)
+    finally:
+        process.kill()
+    stderr = (tmp_path / "run.stderr").read_text()
+    assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-2:] == [
+        "decorr.py: Ctrl-C: stopping with a checkpoint; Ctrl-C again aborts",
+        "decorr.py: aborted by Ctrl-C; the last checkpoint written is kept",
+    ]
+
+
+INNER_TESTS = """
+from test_cli import SMALL_IP, in_process
+
+
+def test_a_long_run_in_this_process(monkeypatch, tmp_path):
+    print("the run starts", flush=True)
+    in_process(monkeypatch, SMALL_IP + ["--epochs", "200", "--out", tmp_path / "out"], n_train=64)
+
+
+def test_after():
+    print("the suite went on", flush=True)
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_the_suite_stops_on_sigterm_and_ctrl_c(tmp_path, number):
+    """SIGTERM or Ctrl-C to pytest while a test runs decorr.main in the pytest process stops the whole
+    suite at once: the run does not take the signal for itself ('stopped by signal'), the next test
+    does not run, pytest reports the interruption."""
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "conftest", "-p", "no:cacheprovider"]
+    command += ["test_inner.py", "--rootdir", str(tmp_path)]
+    environment = dict(threads(), PYTHONPATH=str(ROOT))
+    with open(tmp_path / "pytest.out", "w") as log:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=environment
+        )
+        try:
+            deadline = time.time() + 300
+            while "step 2/" not in (tmp_path / "pytest.out").read_text() and time.time() < deadline:
+                assert process.poll() is None, (tmp_path / "pytest.out").read_text()[-3000:]
+                time.sleep(0.05)
+            sent = time.time()
+            process.send_signal(number)
+            code = process.wait(timeout=60)
+            seconds = time.time() - sent
+        finally:
+            process.kill()
+    output = (tmp_path / "pytest.out").read_text()
+    assert code != 0 and seconds < 30, (code, seconds, output[-3000:])
+    assert "the run starts" in output and "stopped by signal" not in output, output[-3000:]
+    assert "the suite went on" not in output and "KeyboardInterrupt" in output, output[-3000:]

@@ -937,7 +937,31 @@ def test_training_on_folder_with_unreadable_images(folder, tmp_path):
     rows = [r for r in log_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert [r["bad_images"] for r in rows] == [len(skipped), 2 * len(skipped)]
+    diagnostics = len(skipped)  # the diagnostics' bank reads every training image once
+    assert [r["bad_images"] for r in rows] == [diagnostics + len(skipped), diagnostics + 2 * len(skipped)]
+
+
+def test_an_unreadable_val_image_is_reported(tmp_path):
+    """A val image that cannot be read, which the diagnostics' fixed batch uses, is named once on
+    stdout and counted in log.jsonl's bad_images, as a training image is; the run goes on."""
+    root = tmp_path / "data"
+    make_folder(root)
+    bad = root / "val" / "a" / "v0.png"
+    write_truncated_png(bad, 7)
+    out = tmp_path / "out"
+    args = ["--data", root, "--arch", "resnet18", "--img-size", "16", "--batch-size", "24", "--proj", "32-32"]
+    p = run_cli(args + ["--amp", "none", "--workers", "0", "--steps", "1", "--log-every", "1", "--out", out])
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    reports = [line for line in p.stdout.splitlines() if f"cannot read image {bad}" in line]
+    assert reports == [
+        f"decorr.py: cannot read image {bad}: replaced by the next readable one in the diagnostics' batch "
+        "(log.jsonl: bad_images)"
+    ]
+    train = data.Folder(str(root / "train"))
+    val = data.Folder(str(root / "val"))
+    replaced = sum(len(ds.read(i)[2]) for ds in (train, val) for i in range(len(ds)))
+    in_the_step = sum(len(train.read(i)[2]) for i in range(len(train)))  # one batch of every image
+    assert [r["bad_images"] for r in log_rows(out) if "loss" in r] == [replaced + in_the_step]
 
 
 def test_folder_with_tiny_img_size_trains(folder, tmp_path):

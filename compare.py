@@ -23,8 +23,9 @@ everything that defines it (the training command without --out, and the probe's)
 OUT/grid.md the tables; OUT/fig1.png corr_dist and the effective rank of the backbone against the
 step (the paper's Fig. 1); OUT/bridge.png the linear predictors' bridge_dist and bridge_align. A row
 in results.jsonl is never redone and a stopped run resumes from its checkpoint, so the same command
-continues a stopped comparison; another budget or setting makes other rows. A run whose loss or
-weights stop being finite is reported as diverged and the protocol goes on.
+continues a stopped comparison (Ctrl-C stops it, the run in progress with a checkpoint); another
+budget or setting makes other rows. A run whose loss or weights stop being finite is reported as
+diverged and the protocol goes on.
 """
 
 import argparse
@@ -123,10 +124,14 @@ def run_command(command, log_path):
         child = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
         )
-        for line in child.stdout:
-            log.write(line)
-            lines.append(line)
-            print("    " + line, end="", flush=True)
+        try:
+            for line in child.stdout:
+                log.write(line)
+                lines.append(line)
+                print("    " + line, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: decorr.py writes its checkpoint
+            child.wait()
+            raise
         child.wait()
     return child.returncode, "".join(lines), time.time() - started
 
@@ -221,6 +226,8 @@ class Protocol:
             command = [sys.executable, "decorr.py", *train_flags, "--out", folder]
             code, output, seconds = run_command(command, log_path)
             reason = last_line(output)
+            if code == 0 and "stopped by signal" in reason:
+                sys.exit(f"compare.py: {reason.split(':')[0]}; the same command continues the comparison")
             if code == 1 and "non-finite" in reason:
                 row.update(status="diverged", reason=reason, train_s=round(seconds), resumed=resumed)
                 return False
@@ -512,3 +519,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("compare.py: stopped by Ctrl-C; the same command continues the comparison", file=sys.stderr)
+        sys.exit(130)

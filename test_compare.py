@@ -243,3 +243,23 @@ def test_progress_is_shown_while_a_run_trains(tmp_path, capsys):
     code, output, seconds = compare.run_command([sys.executable, "-c", script], str(log))
     assert code == 0 and output == "line 0\nline 1\nline 2\n" and log.read_text() == output
     assert capsys.readouterr().out.splitlines()[-3:] == ["    line 0", "    line 1", "    line 2"]
+
+
+def test_a_run_stopped_by_a_signal_stops_the_comparison(monkeypatch, tmp_path):
+    """A training that a signal stopped (Ctrl-C reaches compare.py's child too) makes no row and no
+    probe: compare.py stops, naming it, and the same command continues."""
+    calls = []
+
+    def run_command(command, log_path):
+        calls.append(command[1])
+        return 0, "epoch 1/1 step 2/4 | loss 1.0\nstopped by signal at step 2: out/\n", 1.0
+
+    monkeypatch.setattr(compare, "run_command", run_command)
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--only", "decorr", "--out", str(out)])
+    assert (
+        stopped.value.code
+        == "compare.py: stopped by signal at step 2; the same command continues the comparison"
+    )
+    assert calls == ["decorr.py"] and not (out / "results.jsonl").exists()

@@ -2,6 +2,7 @@
 on a checkpoint from a short decorr.py run, random init, a tiny image folder whose classes a linear
 layer separates, unreadable images, eval.jsonl's rows, and bad input (bad checkpoints included)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import data
 import lineval
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,21 +174,122 @@ def test_backbone_pt_and_plain_state_dict(run, folder, capsys, tmp_path):
     assert not os.path.exists(tmp_path / "eval.jsonl")
 
 
-def test_eval_jsonl_marks_what_a_row_is(run, folder, capsys):
-    """A full evaluation of the run's backbone is marked full; a --limit or --random-init one is
-    written beside it, marked as what it is."""
-    common = ["--data", folder, "--workers", 0, "--fast-epochs", 5]
-    before = len(eval_rows(run)) if os.path.exists(run / "eval.jsonl") else 0
-    _, full = run_main(capsys, run, *common)
-    _, limited = run_main(capsys, run, *common, "--limit", 4)
-    _, random = run_main(capsys, run, *common, "--random-init")
-    rows = eval_rows(run)[before:]
-    assert rows == [full, limited, random]
-    assert [r["full"] for r in rows] == [True, False, False]
-    assert [r["limit"] for r in rows] == [0, 4, 0]
-    assert [r["random_init"] for r in rows] == [False, False, True]
-    assert [r["mode"] for r in rows] == ["fast"] * 3
-    assert (full["n_train"], limited["n_train"], random["step"], full["step"]) == (12, 4, None, 2)
+@pytest.fixture(scope="module")
+def finished(folder, tmp_path_factory):
+    """A decorr run that ran its whole schedule: one epoch of 3 steps on the 12-image folder."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    argv = ["--data", folder, "--epochs", 1, "--batch-size", 4, "--proj", "32-32", "--img-size", 32]
+    r = python("decorr.py", *argv, "--amp", "none", "--workers", 0, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_eval_jsonl_marks_what_a_row_is(finished, run, capsys):
+    """Each row records its settings and the checkpoint's step out of its run's last. Only the final
+    checkpoint probed with the default settings on every image is marked full: another lr, weight
+    decay, number of epochs, --limit, --holdout or --random-init, or a checkpoint before the run's
+    last step (a run cut by --steps), is written beside it, marked as what it is."""
+    before = len(eval_rows(finished)) if os.path.exists(finished / "eval.jsonl") else 0
+    _, full = run_main(capsys, finished, "--workers", 0)
+    others = [
+        ["--lr", "0.01"],
+        ["--wd", "0"],
+        ["--fast-epochs", "5"],
+        ["--limit", "4"],
+        ["--holdout", "4"],
+        ["--random-init", "--arch", "resnet18"],
+    ]
+    results = [run_main(capsys, finished, "--workers", 0, *argv)[1] for argv in others]
+    rows = eval_rows(finished)[before:]
+    assert rows == [full, *results]
+    assert [r["full"] for r in rows] == [True] + [False] * 6
+    assert (full["step"], full["run_last_step"], full["mode"]) == (3, 3, "fast")
+    assert (full["lr"], full["wd"], full["epochs"], full["batch_size"], full["img_size"]) == (
+        1e-3,
+        1e-6,
+        100,
+        256,
+        32,
+    )
+    assert [r["lr"] for r in results[:2]] == [0.01, 1e-3] and results[1]["wd"] == 0
+    assert results[2]["epochs"] == 5 and results[3]["limit"] == 4 and results[4]["holdout"] == 4
+    assert results[4]["n_val"] == 4 and results[4]["n_train"] == 8 and results[5]["random_init"]
+    _, cut = run_main(capsys, run, "--workers", 0, "--limit", 50)
+    assert (cut["step"], cut["run_last_step"], cut["full"]) == (2, 4 * (5000 // 32), False)
+
+
+def test_eval_jsonl_is_safe_beside_a_run(finished, capsys, tmp_path):
+    """lineval.py evaluates a folder that a live run holds (run.lock) and appends its row; rows that
+    several processes append at once stay whole lines."""
+    data.hold_folder(finished, "decorr.py")
+    try:
+        _, result = run_main(capsys, finished, "--workers", 0)
+    finally:
+        data.release_folder(finished)
+    assert eval_rows(finished)[-1] == result
+    path = tmp_path / "rows.jsonl"
+    script = (
+        "import sys, decorr\n"
+        "for i in range(300):\n"
+        "    decorr.append_jsonl(sys.argv[1], dict(writer=sys.argv[2], i=i, pad='x' * 5000))\n"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), name], cwd=HERE) for name in ("a", "b")
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    lines = path.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for name in ("a", "b"):
+        assert [r["i"] for r in rows if r["writer"] == name] == list(range(300))
+
+
+def test_random_init_estimates_batchnorm_first(capsys, monkeypatch):
+    """--random-init estimates BatchNorm's statistics with --bn-passes train-mode passes over the first
+    views of decorr.py's augmented training batches, no weight moving: each running mean and variance
+    is the mean over the passes of that layer's batch statistics (checked by hand for the stem's), no
+    longer the init's 0 and 1. --bn-passes 0 keeps the init's."""
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8)
+    train = torch.utils.data.TensorDataset(images, torch.arange(48) % 4)
+    torch.manual_seed(0)
+    net, _ = lineval.build_backbone("resnet18", True)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}
+    settings = lineval.parse_args(["--random-init", "--batch-size", "16", "--img-size", "16", "--seed", "4"])
+    settings.workers = 0
+    lineval.estimate_batchnorm(net, train, 5, settings, True, torch.device("cpu"), False, 1)
+    state = net.state_dict()
+    for name, value in weights.items():
+        assert torch.equal(state[name], value), name
+    assert not net.training and net.bn1.momentum == 0.1 and int(net.bn1.num_batches_tracked) == 5
+    conv1 = net.conv1
+    means = []
+    variances = []
+    batch_settings = argparse.Namespace(seed=4, batch_size=16, img_size=16, workers=0)
+    for x1, _, _ in data.batches(train, True, batch_settings, torch.device("cpu"), 0, 5):
+        with torch.no_grad():
+            h = conv1(x1).float()
+        means.append(h.mean((0, 2, 3)))
+        variances.append(h.var((0, 2, 3), unbiased=True))
+    assert torch.allclose(net.bn1.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(net.bn1.running_var, torch.stack(variances).mean(0), rtol=1e-4, atol=1e-6)
+    assert (net.layer4[1].bn2.running_var - 1).abs().max() > 1e-3
+    monkeypatch.setattr(lineval, "load_data", lambda name, root="data": (train, train, 4, True))
+    probe = ["--random-init", "--arch", "resnet18", "--img-size", 16, "--workers", 0, "--knn", 5]
+    _, calibrated = run_main(capsys, *probe)
+    _, raw = run_main(capsys, *probe, "--bn-passes", 0)
+    assert (calibrated["bn_passes"], raw["bn_passes"]) == (12, 0)
+    numbers = ("top1", "top5", "knn_top1")
+    assert [calibrated[k] for k in numbers] != [raw[k] for k in numbers]
+
+
+def test_holdout_is_a_fixed_draw_of_training_images():
+    """--holdout N: N training images drawn with a fixed seed, the same every time, none in the probe's
+    training part; together they are the whole training set."""
+    train = torch.utils.data.TensorDataset(torch.arange(50))
+    kept, held = lineval.hold_out(train, 10)
+    again = lineval.hold_out(train, 10)[1]
+    assert len(held) == 10 and len(kept) == 40 and held.indices == again.indices
+    assert sorted(kept.indices + held.indices) == list(range(50))
+    assert held.indices != list(range(10)) and held.indices != list(range(40, 50))
 
 
 def test_random_init_without_checkpoint_is_seeded(folder, capsys):
@@ -265,7 +368,21 @@ def bad_inputs(run, folder, tmp_path):
         "nothing to evaluate": ([], "give a checkpoint"),
         "bad option value": ([run, "--mode", "best"], "invalid choice"),
         "unknown option": ([run, "--frobnicate"], "unrecognized arguments"),
-        "bad number": ([run, "--epochs", "0"], "--epochs must be at least 1"),
+        "bad number": ([run, "--epochs", "0"], "--epochs must be a number >= 1, got 0"),
+        "lr below 0": ([run, "--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        "lr nan": ([run, "--lr", "nan"], "--lr must be a positive number, got nan"),
+        "lr 0": ([run, "--lr", "0"], "--lr must be a positive number, got 0.0"),
+        "lr 0 linear": ([run, "--mode", "linear", "--lr", "0"], "--lr must be a positive number, got 0.0"),
+        "lr inf linear": (
+            [run, "--mode", "linear", "--lr", "inf"],
+            "--lr must be a positive number, got inf",
+        ),
+        "wd below 0": ([run, "--wd", "-5"], "--wd must be a number >= 0.0, got -5.0"),
+        "wd nan linear": ([run, "--mode", "linear", "--wd", "nan"], "--wd must be a number >= 0.0, got nan"),
+        "holdout below 0": ([run, "--holdout", "-1"], "--holdout must be a number >= 0, got -1"),
+        "holdout all": ([run, "--holdout", "5000"], "--holdout 5000 leaves none of the 5000 train images"),
+        "bn passes trained": ([run, "--bn-passes", "3"], "--bn-passes is for --random-init"),
+        "workers below 0": ([run, "--workers", "-2"], "--workers must be a number >= 0, got -2"),
     }
 
 
@@ -281,8 +398,12 @@ def error_line(capsys, argv):
 
 
 def test_bad_input_is_one_line_and_exit_2(run, folder, tmp_path, capsys):
+    """Each bad input is one line and exit 2, and nothing is appended to eval.jsonl."""
+    before = (run / "eval.jsonl").read_text() if (run / "eval.jsonl").exists() else None
     for name, (argv, expect) in bad_inputs(run, folder, tmp_path).items():
         assert expect in error_line(capsys, argv), name
+    after = (run / "eval.jsonl").read_text() if (run / "eval.jsonl").exists() else None
+    assert after == before
 
 
 def bad_checkpoints(run, tmp_path):

@@ -147,7 +147,7 @@ def add_arguments(p):
         "--warmup-epochs",
         type=int,
         default=10,
-        help="at most a tenth of the run; its first step at lr/warm-up",
+        help="linear warm-up, cut to a tenth of the run; over its N steps the lr rises from lr/N to lr",
     )
     a(
         "--warmup-steps",
@@ -237,7 +237,8 @@ def add_arguments(p):
         "--out",
         default="out",
         help="the run's folder: log.jsonl, checkpoint.pt, backbone.pt, curves.png, wp.png (linear predictor "
-        "only), and with --wandb wandb_id.txt and wandb/; lineval.py appends eval.jsonl there",
+        "only), and with --wandb wandb_id.txt and wandb/; lineval.py appends eval.jsonl there. A run holds "
+        "it (run.lock) while it lives: a second run on it is refused",
     )
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
     a(

@@ -12,7 +12,8 @@ The protocol, every step the same for every method:
               a warm-up of --warmup-steps from lr 0), the same augmentation and, for the LARS methods,
               the same LARS (unclipped, eta 0.02); probed on --holdout training images held out from
               the probe (lineval.py --holdout), never on the val set.
-  3. choice   each method's lr: the best held-out probe top-1 of its grid.
+  3. choice   each method's lr: the best held-out probe top-1 of its grid. Where that is an end of
+              the grid, the next lr past it (3x further) is tried, twice at most, for every method.
   4. seeds    the chosen lr with seeds 0 .. --seeds - 1, probed on the val set: mean and sd.
   5. bridge   SimSiam and BYOL with the linear predictor at their chosen lr (seed 0).
   6. default  `python decorr.py --seed S` as the README's quick start runs it, for each seed.
@@ -62,6 +63,7 @@ METHODS = [
 # The bridge: a method run again with the linear predictor, at the lr chosen for the method.
 BRIDGE = [("simsiam-linear", "simsiam"), ("byol-linear", "byol")]
 GRID = (1 / 3, 1, 3)  # the lrs tried, relative to the recipe's
+EXTEND = 2  # where the best lr is at an end of the grid, up to this many more steps of 3x past it
 DEFAULT_RUN = []  # `python decorr.py`: the README's quick start
 FLOOR = ["--arch", "resnet18", "--data", "synthetic"]  # the runs' backbone and data, untrained
 EXTRA = ("random-init", "default-run")  # the --only names of the floor and the default run
@@ -101,9 +103,16 @@ def method_named(name):
     raise KeyError(name)
 
 
-def grid_lrs(recipe_lr):
+def grid_lrs(recipe_lr, multiples=GRID):
     """The grid's lrs for a recipe lr, to 4 significant digits: 0.3 -> [0.1, 0.3, 0.9]."""
-    return [float(f"{recipe_lr * multiple:.4g}") for multiple in GRID]
+    return [float(f"{recipe_lr * multiple:.4g}") for multiple in multiples]
+
+
+def best_lr(rows):
+    """The lr of the best held-out probe top-1 among the finished rows ({lr: row or None}); a tie goes
+    to the lower lr; None if none finished."""
+    finished = [(row["top1"], -lr) for lr, row in rows.items() if row is not None and row["status"] == "done"]
+    return -max(finished)[1] if finished else None
 
 
 def digest(*parts):
@@ -249,19 +258,35 @@ class Protocol:
             stage, row_name, train_flags, evaluation, f"{row_name}_lr{lr:g}_seed{seed}", **fields
         )
 
+    def grid(self, name):
+        """The multiples of the recipe lr that the method's grid holds, and their held-out rows (None
+        where not yet made). GRID first; while its best lr is at an end (EXTEND times at most), the
+        next multiple past that end, 3x further, joins it: the same rule for every method."""
+        multiples = list(GRID)
+        while True:
+            lrs = grid_lrs(method_named(name)[3], multiples)
+            rows = {lr: self.row(self.method_flags(name, lr, 0), "holdout") for lr in lrs}
+            best = best_lr(rows)
+            extended = len(multiples) - len(GRID)
+            if None in rows.values() or best is None or extended == EXTEND:
+                return multiples, rows
+            if best == lrs[0]:
+                multiples.insert(0, multiples[0] / 3)
+            elif best == lrs[-1]:
+                multiples.append(multiples[-1] * 3)
+            else:
+                return multiples, rows
+
     def grid_rows(self, name):
-        """The grid's held-out rows of a method, by lr (None where not yet made)."""
-        lrs = grid_lrs(method_named(name)[3])
-        return {lr: self.row(self.method_flags(name, lr, 0), "holdout") for lr in lrs}
+        return self.grid(name)[1]
 
     def chosen_lr(self, name):
         """The grid's lr with the best held-out probe top-1; None while the grid is unfinished or if
-        every lr diverged. A tie goes to the lower lr."""
+        every lr diverged."""
         rows = self.grid_rows(name)
         if None in rows.values():
             return None
-        finished = [(row["top1"], -lr) for lr, row in rows.items() if row["status"] == "done"]
-        return -max(finished)[1] if finished else None
+        return best_lr(rows)
 
     def seed_rows(self, name, predictor=None, seeds=None):
         """The val rows made at a method's chosen lr, by seed (seed 0 only for a linear predictor)."""
@@ -325,8 +350,11 @@ def run_protocol(protocol):
             protocol.floor(seed)
     names = [name for name, *_ in METHODS if wanted(args, name)]
     for name in names:
-        for lr in grid_lrs(method_named(name)[3]):
-            protocol.method_run("grid", name, lr, 0, "holdout")
+        missing = [None]
+        while missing:  # the grid, then each step past an end that its best lr asks for
+            missing = [lr for lr, row in protocol.grid_rows(name).items() if row is None]
+            for lr in missing:
+                protocol.method_run("grid", name, lr, 0, "holdout")
     for name in names:
         lr = protocol.chosen_lr(name)
         if lr is None:

@@ -9,6 +9,7 @@ commands are those compare.py builds), on 64 training images of 16 px, with a ti
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -74,9 +75,11 @@ def test_the_protocol_in_order_then_nothing_again(monkeypatch, tmp_path):
     """The floor per seed; every method at 1/3, 1 and 3 x its recipe lr, seed 0, probed on held-out
     training images only; the lr with the best held-out probe; the seeds there, probed on the val set
     (seed 0 not trained again); the linear-predictor variant at its method's lr; the default run per
-    seed. Every training has the same budget and warm-up. A second call makes nothing."""
+    seed. Every training has the same budget and warm-up. A second call makes nothing. (The grid's
+    extension past its ends: the next test.)"""
     calls = []
     in_process(monkeypatch, calls)
+    monkeypatch.setattr(compare, "EXTEND", 0)
     out = tmp_path / "cmp"
     compare.main(PROTOCOL + ["--out", str(out)])
     trained = [c for c in calls if c[0] == "decorr.py"]
@@ -177,6 +180,61 @@ def test_a_diverged_run_is_reported_and_not_chosen(monkeypatch, tmp_path):
     assert "| decorr | 9 | 3 | diverged |" in (out / "grid.md").read_text()
 
 
+def fake_runs(monkeypatch, calls, probe):
+    """compare.run_command without training: decorr.py writes one diagnostics row and lineval.py
+    answers probe(loss, lr) as the probe's top-1."""
+
+    def run_command(command, log_path):
+        calls.append(command[1:])
+        folder = os.path.dirname(log_path)
+        if command[1] == "decorr.py":
+            decorr.append_jsonl(
+                os.path.join(folder, "log.jsonl"), dict(step=4, corr_dist=1.0, eff_rank_backbone=2.0)
+            )
+            return 0, "done at step 4\n", 1.0
+        train = [c for c in calls if c[0] == "decorr.py" and c[-1] == folder][-1]
+        top1 = probe(value(train, "--loss"), float(value(train, "--lr")))
+        return 0, json.dumps(dict(top1=top1, top5=top1, knn_top1=top1)) + "\n", 1.0
+
+    monkeypatch.setattr(compare, "run_command", run_command)
+
+
+def test_a_best_lr_at_an_end_of_the_grid_extends_it(monkeypatch, tmp_path):
+    """Where the best held-out probe is at the grid's lowest (highest) lr, the lr 3x lower (higher)
+    is tried next, twice at most; a best lr inside the grid ends it. The seeds then run at the best
+    lr of the extended grid, which the grid table lists in full."""
+    calls = []
+    lowest_wins = lambda loss, lr: 100 - lr if loss == "decorr" else 50 + lr  # noqa: E731
+    fake_runs(monkeypatch, calls, lowest_wins)
+    out = tmp_path / "cmp"
+    compare.main(["--only", "decorr", "byol", "--seeds", "1", "--out", str(out)])
+    trained = [(value(c, "--loss"), value(c, "--lr")) for c in calls if c[0] == "decorr.py"]
+    assert trained == [
+        ("decorr", "0.1"),
+        ("decorr", "0.3"),
+        ("decorr", "0.9"),
+        ("decorr", "0.03333"),
+        ("decorr", "0.01111"),
+        ("byol", "0.3333"),
+        ("byol", "1.0"),
+        ("byol", "3.0"),
+        ("byol", "9.0"),
+        ("byol", "27.0"),
+    ]
+    rows = read_rows(out)
+    assert [(r["name"], r["lr"]) for r in rows if r["stage"] == "seeds"] == [
+        ("decorr", 0.01111),
+        ("byol", 27.0),
+    ]
+    grid = (out / "grid.md").read_text()
+    assert "| decorr | 0.01111 | 0.037 |" in grid and "| byol | 27 | 27 |" in grid
+    calls.clear()
+    inside = lambda loss, lr: 50 - abs(lr - 0.3) if loss == "decorr" else 0  # noqa: E731
+    fake_runs(monkeypatch, calls, inside)
+    compare.main(["--only", "decorr", "--seeds", "1", "--out", str(tmp_path / "other")])
+    assert [value(c, "--lr") for c in calls if c[0] == "decorr.py"] == ["0.1", "0.3", "0.9"]
+
+
 def protocol_with(rows):
     args = compare.parse_args(["--out", "unused"])
     protocol = compare.Protocol.__new__(compare.Protocol)
@@ -190,11 +248,16 @@ def protocol_with(rows):
 
 def test_the_choice_is_the_best_held_out_probe():
     """The chosen lr: the best held-out top-1 of the finished grid (a tie to the lower lr); none while
-    an lr of the grid has no row, or when every lr diverged."""
+    an lr of the grid has no row (the lr past an end where the best is), or when every lr diverged."""
     done = lambda top1: dict(status="done", top1=top1)  # noqa: E731
     diverged = dict(status="diverged")
-    assert protocol_with({0.1: done(50.0), 0.3: diverged, 0.9: done(60.0)}).chosen_lr("decorr") == 0.9
-    assert protocol_with({0.1: done(60.0), 0.3: done(60.0), 0.9: done(20.0)}).chosen_lr("decorr") == 0.1
+    assert protocol_with({0.1: done(50.0), 0.3: done(70.0), 0.9: done(60.0)}).chosen_lr("decorr") == 0.3
+    assert protocol_with({0.1: done(80.0), 0.3: done(90.0), 0.9: diverged}).chosen_lr("decorr") == 0.3
+    assert protocol_with({0.1: done(60.0), 0.3: done(60.0), 0.9: done(20.0)}).chosen_lr("decorr") is None
+    grid = {0.1: done(60.0), 0.3: done(60.0), 0.9: done(20.0), 0.03333: done(50.0)}
+    assert protocol_with(grid).chosen_lr("decorr") == 0.1  # a tie goes to the lower lr
+    grid = {0.1: done(50.0), 0.3: diverged, 0.9: done(60.0), 2.7: done(30.0)}
+    assert protocol_with(grid).chosen_lr("decorr") == 0.9
     assert protocol_with({0.1: done(60.0), 0.3: done(70.0)}).chosen_lr("decorr") is None
     assert protocol_with({0.1: diverged, 0.3: diverged, 0.9: diverged}).chosen_lr("decorr") is None
 

@@ -7,7 +7,7 @@ compare.py -- the five methods at equal effort on the built-in data, in one comm
 
 The protocol, every step the same for every method:
   1. floor    the untrained network, its BatchNorm statistics estimated (lineval.py --random-init),
-              one per seed: the floor every method must beat.
+              one per seed: the floor every method must beat (also on the held-out images, seed 0).
   2. grid     each method at 1/3, 1 and 3 times its recipe's lr, seed 0, the same budget (--epochs,
               a warm-up of --warmup-steps from lr 0), the same augmentation and, for the LARS methods,
               the same LARS (unclipped, eta 0.02); probed on --holdout training images held out from
@@ -304,29 +304,28 @@ class Protocol:
     def floor_flags(self, seed):
         return ["--random-init", *FLOOR, "--seed", str(seed)]
 
-    def floor(self, seed):
-        """The untrained network's probe on the val set, its BatchNorm statistics estimated."""
+    def floor(self, seed, evaluation="val"):
+        """The untrained network's probe, its BatchNorm statistics estimated: on the val set, or on the
+        held-out training images (the grid's floor)."""
         args = self.args
-        key = digest(self.floor_flags(seed), self.probe_flags("val"))
+        key = digest(self.floor_flags(seed), self.probe_flags(evaluation))
         if key in self.rows:
             return self.rows[key]
         log_path = os.path.join(args.out, "random_init.log")
-        command = [sys.executable, "lineval.py", *self.floor_flags(seed), *self.probe_flags("val")]
+        command = [sys.executable, "lineval.py", *self.floor_flags(seed), *self.probe_flags(evaluation)]
         code, output, _ = run_command(command, log_path)
         if code != 0:
             sys.exit(f"compare.py: lineval.py failed (exit {code}: {last_line(output)}); see {log_path}")
         result = last_json_line(output)
-        row = dict(key=key, stage="floor", name="random init", seed=seed, evaluation="val", status="done")
-        row.update(flags=" ".join(self.floor_flags(seed)), bn_passes=result["bn_passes"])
+        row = dict(key=key, stage="floor", name="random init", seed=seed, evaluation=evaluation)
+        row.update(status="done", flags=" ".join(self.floor_flags(seed)), bn_passes=result["bn_passes"])
         row.update(top1=result["top1"], top5=result["top5"], knn_top1=result["knn_top1"])
         self.add(row)
         return row
 
-    def floor_rows(self):
-        rows = [
-            self.rows.get(digest(self.floor_flags(seed), self.probe_flags("val"))) for seed in self.seeds()
-        ]
-        return [row for row in rows if row is not None]
+    def floor_rows(self, evaluation="val"):
+        keys = [digest(self.floor_flags(seed), self.probe_flags(evaluation)) for seed in self.seeds()]
+        return [self.rows[key] for key in keys if key in self.rows]
 
     def default_flags(self, seed):
         return [*DEFAULT_RUN, "--seed", str(seed)]
@@ -348,6 +347,7 @@ def run_protocol(protocol):
     if wanted(args, "random-init"):
         for seed in protocol.seeds():
             protocol.floor(seed)
+        protocol.floor(0, "holdout")
     names = [name for name, *_ in METHODS if wanted(args, name)]
     for name in names:
         missing = [None]
@@ -441,8 +441,11 @@ GRID_COLUMNS += ["eff. rank", "wall", "chosen"]
 
 
 def grid_table(protocol):
-    """Every grid run (seed 0) with its held-out probe, and the lr chosen."""
+    """Every grid run (seed 0) with its held-out probe, and the lr chosen; the floor on the same images."""
     lines = ["| " + " | ".join(GRID_COLUMNS) + " |", "|" + "---|" * len(GRID_COLUMNS)]
+    for row in protocol.floor_rows("holdout")[:1]:
+        numbers = [f"{row['top1']:.1f} %", f"{row['knn_top1']:.1f} %"]
+        lines.append("| " + " | ".join(["random init", "-", "-", *numbers, "-", "-", "-", ""]) + " |")
     for name, _, _, recipe_lr, _ in METHODS:
         chosen = protocol.chosen_lr(name)
         for lr, row in protocol.grid_rows(name).items():

@@ -84,7 +84,9 @@ def test_the_protocol_in_order_then_nothing_again(monkeypatch, tmp_path):
     compare.main(PROTOCOL + ["--out", str(out)])
     trained = [c for c in calls if c[0] == "decorr.py"]
     probes = [c for c in calls if c[0] == "lineval.py"]
-    assert [("--random-init" in c, value(c, "--seed")) for c in probes[:2]] == [(True, "0"), (True, "1")]
+    floor = [("--random-init" in c, value(c, "--seed"), "--holdout" in c) for c in probes[:3]]
+    assert floor == [(True, "0", False), (True, "1", False), (True, "0", True)]
+    probes = probes[1:]  # the grid's probes from probes[2]
     grid = [(value(c, "--loss"), value(c, "--lr"), value(c, "--seed")) for c in trained[:6]]
     assert grid == [("decorr", lr, "0") for lr in ("1.0", "3.0", "9.0")] + [
         ("byol", lr, "0") for lr in ("0.1", "0.3", "0.9")
@@ -127,7 +129,8 @@ def test_the_protocol_in_order_then_nothing_again(monkeypatch, tmp_path):
         "| random init (2 BN passes)",
     ]
     assert " ± " in table[2] and table[2].split(" | ")[7] == "2"
-    assert len((out / "grid.md").read_text().splitlines()) == 2 + 6
+    grid_lines = (out / "grid.md").read_text().splitlines()
+    assert len(grid_lines) == 2 + 1 + 6 and grid_lines[2].startswith("| random init | - | - |")
     for picture in ("fig1.png", "bridge.png"):
         assert (out / picture).read_bytes().startswith(b"\x89PNG")
     calls.clear()

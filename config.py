@@ -238,7 +238,7 @@ def add_arguments(p):
         default="out",
         help="the run's folder: log.jsonl, checkpoint.pt, backbone.pt, curves.png, wp.png (linear predictor "
         "only), and with --wandb wandb_id.txt and wandb/; lineval.py appends eval.jsonl there. A run holds "
-        "it (run.lock) while it lives: a second run on it is refused",
+        "it (an OS lock on the folder) while it lives: a second run on it is refused",
     )
     a("--steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
     a(

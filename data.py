@@ -46,42 +46,65 @@ def atomic_write(path, write):
     os.close(folder)
 
 
-# The --out folder of a run is held by it for as long as it lives: an OS lock (flock) on LOCK_NAME, which
-# the OS releases when the process ends, however it ends; the file names the holder's pid.
-LOCK_NAME = "run.lock"
-HELD = {}  # folder -> the open lock file of a run of this process
+# The --out folder of a run is held by it for as long as it lives: an OS lock (flock) on the folder
+# itself, which the OS releases when the process ends, however it ends. No file is written for it; the
+# holder's pid is read back from the kernel's table of locks (/proc/locks).
+HELD = {}  # folder -> the open descriptor of the folder, locked by a run of this process
 
 
-def hold_folder(folder, program):
+def lock_holder(folder):
+    """The pid of the process that holds an flock on folder, from /proc/locks, or None."""
+    status = os.stat(folder)
+    key = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        with open("/proc/locks") as fh:
+            table = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in table:
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            return int(fields[4])
+    return None
+
+
+def program_of(pid):
+    """The script a process runs (decorr.py), from its command line, or None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            arguments = fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    scripts = [os.path.basename(a) for a in arguments if a.endswith(".py")]
+    return scripts[0] if scripts else None
+
+
+def hold_folder(folder):
     """Lock folder (created if need be) for this process's run; a folder that another run holds is a
     UsageError naming its pid, and nothing is written. A lock this process kept from a run that
     ended with an exception (in-process use: tests, notebooks) is given up first."""
     folder = os.path.realpath(folder)
     release_folder(folder)
     os.makedirs(folder, exist_ok=True)
-    fh = open(os.path.join(folder, LOCK_NAME), "a+")
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.seek(0)
-        pid, _, holder = fh.read().strip().partition(" ")
-        fh.close()
+        os.close(descriptor)
+        pid = lock_holder(folder)
+        program = program_of(pid) if pid is not None else None
         raise UsageError(
-            f"{folder} is in use by another run ({holder or 'a program'}, pid {pid or 'unknown'}): wait "
+            f"{folder} is in use by another run ({program or 'a program'}, pid {pid or 'unknown'}): wait "
             "for it to end, or use another --out"
         ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()} {program}\n")
-    fh.flush()
-    HELD[folder] = fh
-    return fh
+    HELD[folder] = descriptor
+    return descriptor
 
 
 def release_folder(folder):
-    fh = HELD.pop(os.path.realpath(folder), None)
-    if fh is not None:
-        fh.close()  # closing the file releases the lock
+    descriptor = HELD.pop(os.path.realpath(folder), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the descriptor releases the lock
 
 
 SYNTH_TRAIN = 5000  # images of the built-in data

@@ -764,8 +764,8 @@ def main(argv=None):
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
     last = min(total, args.steps or total)
-    if master:  # from here the folder is this run's (run.lock): a second run on it is refused
-        hold_folder(out, "decorr.py")
+    if master:  # from here the folder is this run's (an OS lock): a second run on it is refused
+        hold_folder(out)
     ckpt = resume(args, ckpt_path, master)
     if ckpt is not None and ckpt["step"] >= last:
         say(f"{ckpt_path} is at step {ckpt['step']}, the last step asked for is {last}: nothing to do")

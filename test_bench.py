@@ -315,7 +315,8 @@ def test_train_tiny(tmp_path):
 def test_data_small_prints_no_impossible_ratio(tmp_path):
     """bench.py data --batch 32 --repeats 1 --max-time 5 --workers 1, with two per-sample loader
     processes (the folder at 40 px and the step in float32 keep it short): the loader processes'
-    rate is one they can have made, so speedup_32px is a number, and every figure is in range."""
+    rate is one they can have made, so speedup_32px is a number, or it is marked not steady and
+    speedup_32px says why; every figure is in range."""
     out = tmp_path / "data.json"
     argv = ["--batch", "32", "--repeats", "1", "--max-time", "5", "--workers", "1", "--threads", "2"]
     p = run("data", *argv, "--folder-size", "40", "--amp", "none", "--json", str(out))
@@ -332,17 +333,22 @@ def test_data_small_prints_no_impossible_ratio(tmp_path):
         "data.batches, JPEG folder",
         "training step: decorr.Model resnet18 4096-256",
     ]
-    for r in rows:
-        numbers_or_notes(r[3:])
-    assert all(float(r[3]) > 0 for r in rows) and rows[3][-1] == "-" and rows[4][-1] == "1.000"
     doc = json.loads(out.read_text())
     assert doc["summary"] == summary and len(doc["results"]) == 4
     in_process, loaders = doc["results"][1:3]
-    assert loaders["possible"] is True and "possible" not in in_process, loaders
-    assert isinstance(summary["speedup_32px"], float), summary["speedup_32px"]
-    assert summary["speedup_32px"] == pytest.approx(
-        summary["batched_img_per_s"] / summary["per_sample_img_per_s"]
-    )
+    assert "possible" not in in_process and loaders["possible"] in (True, False), loaders
+    if not loaders["possible"]:  # on a busy machine the batches prepared ahead can outrun the timing
+        assert rows[2][3] == "faster than made: not steady", rows[2]
+        assert summary["speedup_32px"].startswith("not measured: 2 loader processes timed faster"), summary
+        rows = rows[:2] + rows[3:]
+    for r in rows:
+        numbers_or_notes(r[3:])
+    assert all(float(r[3]) > 0 for r in rows) and rows[-2][-1] == "-" and rows[-1][-1] == "1.000"
+    if loaders["possible"]:
+        assert isinstance(summary["speedup_32px"], float), summary["speedup_32px"]
+        assert summary["speedup_32px"] == pytest.approx(
+            summary["batched_img_per_s"] / summary["per_sample_img_per_s"]
+        )
     assert summary["per_sample_img_per_s"] == max(in_process["img_per_s"], loaders["img_per_s"])
     assert (
         f"speedup_32px = batched images/s over the faster per-sample row: {summary['speedup_32px']:.1f}"

@@ -45,7 +45,7 @@ DIAG_KEYS = {
     "feat_std",
     "knn_top1",
 }  # + wp_offdiag (decorr)
-FILES = ["backbone.pt", "checkpoint.pt", "curves.png", "log.jsonl", "run.lock", "wp.png"]
+FILES = ["backbone.pt", "checkpoint.pt", "curves.png", "log.jsonl", "wp.png"]
 
 
 def threads(script=("decorr.py",)):

@@ -40,6 +40,7 @@ def in_process(monkeypatch, calls, diverge_at=(), outputs=None):
     monkeypatch.setattr(compare, "BRIDGE", [("byol-linear", "byol")])
     monkeypatch.setattr(compare, "DEFAULT_RUN", TINY + ["--epochs", "1"])
     monkeypatch.setattr(compare, "FLOOR", FLOOR)
+    monkeypatch.setattr(compare, "EXTEND", 0)  # the grid of three alone (the extension: fake_runs)
 
     def run_command(command, log_path):
         calls.append(command[1:])
@@ -79,7 +80,6 @@ def test_the_protocol_in_order_then_nothing_again(monkeypatch, tmp_path):
     extension past its ends: the next test.)"""
     calls = []
     in_process(monkeypatch, calls)
-    monkeypatch.setattr(compare, "EXTEND", 0)
     out = tmp_path / "cmp"
     compare.main(PROTOCOL + ["--out", str(out)])
     trained = [c for c in calls if c[0] == "decorr.py"]

@@ -219,9 +219,9 @@ def test_eval_jsonl_marks_what_a_row_is(finished, run, capsys):
 
 
 def test_eval_jsonl_is_safe_beside_a_run(finished, capsys, tmp_path):
-    """lineval.py evaluates a folder that a live run holds (run.lock) and appends its row; rows that
+    """lineval.py evaluates a folder that a live run holds (its OS lock) and appends its row; rows that
     several processes append at once stay whole lines."""
-    data.hold_folder(finished, "decorr.py")
+    data.hold_folder(finished)
     try:
         _, result = run_main(capsys, finished, "--workers", 0)
     finally:

@@ -1,7 +1,8 @@
 """Tests for compare.py: the protocol's runs in order (floor, grid, choice, seeds, bridge, default run),
 the rows it keys by everything that defines them, a stopped comparison taken up again, a diverged run,
 the one LARS of every LARS method, and bad input. decorr.py and lineval.py run in this process (their
-commands are those compare.py builds), on 64 training images of 16 px, with a tiny projector.
+commands are those compare.py builds), on 32 training images of 8 px (2 steps an epoch), with a tiny
+projector, and the probe trained 10 epochs instead of 100.
 
     python -m pytest -q test_compare.py
 """
@@ -14,28 +15,36 @@ import subprocess
 import sys
 
 import pytest
+from torch.utils.data import TensorDataset
 
 import compare
+import data
 import decorr
 import lineval
 from conftest import run_main
-from test_cli import ROOT, small_synthetic
+from test_cli import ROOT
 
-TINY = ["--batch-size", "16", "--proj", "32-32", "--img-size", "16", "--amp", "none", "--workers", "0"]
+TINY = ["--batch-size", "16", "--proj", "32-32", "--img-size", "8", "--amp", "none", "--workers", "0"]
 METHODS = [
     ("decorr", "decorr", TINY, 3.0, "test"),
     ("byol", "byol", TINY + ["--tau-base", "0.97"], 0.3, "test"),
 ]
-FLOOR = ["--arch", "resnet18", "--img-size", "16", "--amp", "none", "--workers", "0", "--bn-passes", "2"]
+FLOOR = ["--arch", "resnet18", "--img-size", "8", "--amp", "none", "--workers", "0", "--bn-passes", "2"]
 PROTOCOL = ["--epochs", "1", "--warmup-steps", "1", "--seeds", "2", "--holdout", "16", "--diag-every", "2"]
+
+
+def tiny_data():
+    """32 training and 32 val images of the built-in data at 8 px."""
+    train, val = (TensorDataset(*data.synthetic_images(32, seed, size=8)) for seed in (0, 1))
+    return train, val, 10, True
 
 
 def in_process(monkeypatch, calls, diverge_at=(), outputs=None):
     """compare.run_command, running decorr.py and lineval.py here on small data; records each command
     (and its output in outputs). A training at an lr in diverge_at fails as a non-finite loss does."""
-    data = small_synthetic(64)
-    monkeypatch.setattr(decorr, "load_data", lambda name, root="data": data)
-    monkeypatch.setattr(lineval, "load_data", lambda name, root="data": data)
+    images = tiny_data()
+    monkeypatch.setattr(decorr, "load_data", lambda name, root="data": images)
+    monkeypatch.setattr(lineval, "load_data", lambda name, root="data": images)
     monkeypatch.setattr(compare, "METHODS", METHODS)
     monkeypatch.setattr(compare, "BRIDGE", [("byol-linear", "byol")])
     monkeypatch.setattr(compare, "DEFAULT_RUN", TINY + ["--epochs", "1"])
@@ -56,7 +65,7 @@ def in_process(monkeypatch, calls, diverge_at=(), outputs=None):
             if command[1] == "decorr.py":
                 run_main(command[2:])
             else:
-                lineval.main(command[2:])
+                lineval.main(command[2:] + ["--fast-epochs", "10"])
         if outputs is not None:
             outputs.append(stdout.getvalue())
         return 0, stdout.getvalue(), 1.0
@@ -146,15 +155,15 @@ def test_a_row_is_keyed_by_its_budget_and_a_stopped_run_resumes(monkeypatch, tmp
     in_process(monkeypatch, calls, outputs=outputs)
     out = tmp_path / "cmp"
     only = ["--only", "decorr", "--seeds", "1", "--holdout", "16", "--diag-every", "2", "--out", str(out)]
-    # a stopped run: the grid's first run of the 2-epoch budget, stopped at step 3 of 8
+    # a stopped run: the grid's first run of the 2-epoch budget, stopped at step 2 of 4
     protocol = compare.Protocol(compare.parse_args(["--epochs", "2", "--warmup-steps", "1"] + only))
     flags = protocol.method_flags("decorr", 1.0, 0)
     stopped = out / "runs" / f"decorr_lr1_seed0_{compare.digest(flags)}"
-    run_main(flags + ["--steps", "3", "--out", stopped])
+    run_main(flags + ["--steps", "2", "--out", stopped])
     compare.main(["--epochs", "1", "--warmup-steps", "1"] + only)
     first = read_rows(out)
     assert [r["stage"] for r in first] == ["grid"] * 3 + ["seeds"]
-    assert all(r["step"] == 4 for r in first)
+    assert all(r["step"] == 2 for r in first)
     calls.clear()
     outputs.clear()
     compare.main(["--epochs", "2", "--warmup-steps", "1"] + only)
@@ -162,11 +171,11 @@ def test_a_row_is_keyed_by_its_budget_and_a_stopped_run_resumes(monkeypatch, tmp
     trained = [c for c in calls if c[0] == "decorr.py"]
     assert len(rows) == 8 and len(trained) == 3
     assert {r["folder"] for r in rows[:4]}.isdisjoint(r["folder"] for r in rows[4:])
-    assert all(value(r["flags"].split(), "--epochs") == "2" and r["step"] == 8 for r in rows[4:])
+    assert all(value(r["flags"].split(), "--epochs") == "2" and r["step"] == 4 for r in rows[4:])
     assert rows[4]["folder"] == f"runs/{stopped.name}" and rows[4]["resumed"] is True
-    assert f"resumed from {stopped / 'checkpoint.pt'} at step 3" in outputs[0]
+    assert f"resumed from {stopped / 'checkpoint.pt'} at step 2" in outputs[0]
     steps = [r["step"] for r in decorr.read_jsonl(stopped / "log.jsonl") if "loss" in r]
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 5))
 
 
 def test_a_diverged_run_is_reported_and_not_chosen(monkeypatch, tmp_path):

@@ -375,7 +375,7 @@ MUTATIONS = [
         "lock-not-taken",
         "data.py",
         "a run does not lock its --out",
-        "        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)",
         "        pass",
         ["test_cli.py::test_a_second_run_on_a_held_folder_is_refused"],
     ),

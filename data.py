@@ -10,6 +10,7 @@ eval_transform(). UsageError, rank_world and atomic_write, which every file uses
 import fcntl
 import hashlib
 import itertools
+import json
 import math
 import os
 
@@ -44,6 +45,24 @@ def atomic_write(path, write):
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(folder)
     os.close(folder)
+
+
+def append_jsonl(path, row):
+    """One whole line at the end of path, under an exclusive lock: lines of several writers never mix."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path):
+    """The complete rows of a log; a last line cut by a crash is dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 # The --out folder of a run is held by it for as long as it lives: an OS lock (flock) on the folder

@@ -16,7 +16,6 @@ baselines.py, the sums over processes and BatchNorm synchronised on CPUs in dist
 """
 
 import datetime
-import fcntl
 import functools
 import json
 import math
@@ -49,12 +48,14 @@ from config import LOSSES, RUN_DEFINING, flag, parse_args, parse_proj
 from curves import check_wandb, draw_curves, draw_wp, wandb_finish, wandb_images, wandb_log, wandb_start
 from data import (
     UsageError,
+    append_jsonl,
     atomic_write,
     batches,
     eval_transform,
     hold_folder,
     load_data,
     rank_world,
+    read_jsonl,
     release_folder,
 )
 from distributed import AllGather, AllReduce, batch_stats, global_sum, sync_batchnorm
@@ -507,24 +508,6 @@ def predictor_input(args, z):
 
 
 # ----------------------------------------------------------------------------- 5. files
-
-
-def append_jsonl(path, row):
-    """One whole line at the end of path, under an exclusive lock: lines of several writers never mix."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_jsonl(path):
-    """The complete rows of a log; a last line cut by a crash is dropped."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        lines = fh.read().split("\n")
-    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def load_checkpoint(path, advice="use --fresh to start over"):

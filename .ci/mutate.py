@@ -225,7 +225,7 @@ MUTATIONS = [
     ),
     (
         "cut-line-kept",
-        "decorr.py",
+        "data.py",
         "a line cut by a crash is read on resume",
         'return [json.loads(line) for line in lines if line.endswith("}")]',
         "return [json.loads(line) for line in lines if line]",
